@@ -1,0 +1,136 @@
+"""Distributions over forward diffusion time s in [0, T].
+
+Every sampler returns ``(s, density)`` so that importance weights stay visible
+at the call site: an unbiased estimate of int_0^T h(s) ds is h(s) / density(s).
+
+Two members of the family:
+  * ``UniformTimeSampler``: s ~ U[0, T].
+  * ``VPImportanceTimeSampler``: the "debiasing" distribution of Huang et al.
+    (2021) for the VP SDE, q(s) prop. to g(s)^2 / sigma(s)^2 for s >= t_epsilon and
+    flat below it. Training DSM with s ~ q (unweighted) is, up to a constant,
+    training with the ELBO's likelihood weighting.
+"""
+import math
+
+import torch
+
+
+class TimeSampler:
+    """Interface: a density on [0, T] with a closed-form CDF and inverse CDF."""
+
+    T: float
+
+    def density(self, s):
+        """s: any shape -> q(s), same shape."""
+        raise NotImplementedError
+
+    def cdf(self, s):
+        raise NotImplementedError
+
+    def icdf(self, u):
+        raise NotImplementedError
+
+    def sample(self, shape, generator=None, device=None, dtype=torch.float32):
+        """Inverse-CDF sampling.
+
+        Returns (s, q(s)), both of the given shape. The uniform draws and the
+        inversion run in float64 (the debias CDF is steep near s = 0) and are
+        cast to ``dtype`` at the end.
+        """
+        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+        s = self.icdf(u)
+        return s.to(dtype), self.density(s).to(dtype)
+
+
+class UniformTimeSampler(TimeSampler):
+    def __init__(self, T=1.0):
+        self.T = _positive_float(T, "T")
+
+    def density(self, s):
+        s = torch.as_tensor(s)
+        return torch.full_like(s, 1.0 / self.T, dtype=_float_dtype(s))
+
+    def cdf(self, s):
+        return torch.as_tensor(s) / self.T
+
+    def icdf(self, u):
+        return torch.as_tensor(u) * self.T
+
+
+class VPImportanceTimeSampler(TimeSampler):
+    """q(s) prop. to beta(s) / (1 - exp(-B(s))) on [t_epsilon, T], constant q(t_epsilon) below.
+
+    With B(s) = beta_min s + (beta_max - beta_min) s^2 / 2, the antiderivative of
+    beta / (1 - exp(-B)) is log(exp(B) - 1) = log_expm1(B), which gives the CDF
+    and its inverse in closed form (DESIGN.md section 2).
+    """
+
+    def __init__(self, beta_min=0.1, beta_max=20.0, T=1.0, t_epsilon=1e-3):
+        self.beta_min = _positive_float(beta_min, "beta_min")
+        self.beta_max = float(beta_max)
+        if self.beta_max < self.beta_min:
+            raise ValueError(f"beta_max must be >= beta_min, got beta_min={beta_min}, beta_max={beta_max}")
+        self.T = _positive_float(T, "T")
+        self.t_epsilon = _positive_float(t_epsilon, "t_epsilon")
+        if self.t_epsilon >= self.T:
+            raise ValueError(f"t_epsilon must lie in (0, T), got t_epsilon={t_epsilon}, T={T}")
+        eps = torch.tensor(self.t_epsilon, dtype=torch.float64)
+        B_eps = self._B(eps)
+        # Unnormalised mass of the flat part [0, t_eps) and of the tail [t_eps, T].
+        self._q_eps = (self._beta(eps) / -torch.expm1(-B_eps)).item()
+        self._log_expm1_B_eps = _log_expm1(B_eps).item()
+        self._flat_mass = self.t_epsilon * self._q_eps
+        tail = _log_expm1(self._B(torch.tensor(self.T, dtype=torch.float64))).item() - self._log_expm1_B_eps
+        self._Z = self._flat_mass + tail
+
+    def _beta(self, s):
+        return self.beta_min + (self.beta_max - self.beta_min) * s
+
+    def _B(self, s):
+        return self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s ** 2
+
+    def _B_inverse(self, b):
+        # Root of (d/2) s^2 + beta_min s - b = 0 written as 2b / (beta_min + sqrt(...)):
+        # no cancellation for small b, and it stays valid when beta_max == beta_min.
+        d = self.beta_max - self.beta_min
+        return 2 * b / (self.beta_min + torch.sqrt(self.beta_min ** 2 + 2 * d * b))
+
+    def density(self, s):
+        s = torch.as_tensor(s)
+        s64 = s.to(torch.float64).clamp(min=self.t_epsilon)
+        q = self._beta(s64) / -torch.expm1(-self._B(s64)) / self._Z
+        inside = (s >= 0) & (s <= self.T)
+        return torch.where(inside, q, torch.zeros_like(q)).to(_float_dtype(s))
+
+    def cdf(self, s):
+        s = torch.as_tensor(s)
+        s64 = s.to(torch.float64).clamp(0.0, self.T)
+        flat = s64 * self._q_eps
+        tail = self._flat_mass + _log_expm1(self._B(s64.clamp(min=self.t_epsilon))) - self._log_expm1_B_eps
+        return (torch.where(s64 < self.t_epsilon, flat, tail) / self._Z).to(_float_dtype(s))
+
+    def icdf(self, u):
+        u = torch.as_tensor(u)
+        mass = u.to(torch.float64) * self._Z
+        flat = mass / self._q_eps
+        # log_expm1(B) = L  <=>  B = log(1 + exp(L)) = softplus(L)
+        L = mass - self._flat_mass + self._log_expm1_B_eps
+        tail = self._B_inverse(torch.nn.functional.softplus(L))
+        s = torch.where(mass < self._flat_mass, flat, tail)
+        return s.clamp(0.0, self.T).to(_float_dtype(u))
+
+
+def _log_expm1(x):
+    """log(exp(x) - 1) for x > 0, without overflow for large x or cancellation for small x."""
+    return x + torch.log(-torch.expm1(-x))
+
+
+def _float_dtype(x):
+    return x.dtype if x.is_floating_point() else torch.get_default_dtype()
+
+
+def _positive_float(value, name):
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
