@@ -1,0 +1,98 @@
+"""Checkpoints: weights + configuration + iteration, as tensors and plain types.
+
+Written atomically (temporary file in the same folder, fsync, rename), so a kill at any moment
+leaves the previous or the new checkpoint, never a torn one. Read with `weights_only=True`, so a
+checkpoint cannot run code. A checkpoint is a dict:
+
+    format, version      identify the file as ours
+    kind                 'toy' or 'img'
+    args                 the run's command-line arguments (plain types)
+    model                {'name': registered drift network, 'kwargs': its constructor arguments}
+    sde                  VariancePreservingSDE keyword arguments
+    gen_sde              {'T', 'vtype', 'debias'}
+    iteration            the last completed training iteration
+    model_state, ema_state, optimizer_state, rng_state, ...   (training state)
+"""
+import os
+import tempfile
+
+import torch
+
+from lib.models import build_drift
+from lib.sdes import PluginReverseSDE, VariancePreservingSDE
+
+FORMAT = "sdeflow-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line naming the file and what to do."""
+
+
+def save_checkpoint(path, state):
+    """Write `state` (a dict of tensors and plain types) to `path` atomically."""
+    state = {"format": FORMAT, "version": VERSION, **state}
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # atomic on POSIX within one filesystem
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(folder)  # make the rename itself durable
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Read a checkpoint written by `save_checkpoint`; CheckpointError if it is missing, corrupt or foreign."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path}: give the path of a run's checkpoint.pt")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # torn, truncated, or pickled objects we refuse to execute
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint ({type(err).__name__}: {reason[:120]}); "
+            "delete it to start afresh or pick another --expname"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{path} is not an sdeflow checkpoint; delete it to start afresh or pick another --expname"
+        )
+    if state.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this code reads {VERSION}")
+    return state
+
+
+def build_gen_sde(state):
+    """Rebuild the PluginReverseSDE described by a checkpoint (weights not loaded)."""
+    sde = VariancePreservingSDE(**state["sde"])
+    drift = build_drift(state["model"]["name"], state["model"]["kwargs"])
+    cfg = state["gen_sde"]
+    return PluginReverseSDE(sde, drift, cfg["T"], vtype=cfg["vtype"], debias=cfg["debias"])
+
+
+def load_model(path, map_location="cpu"):
+    """The trained PluginReverseSDE of a run, in eval mode, with the EMA weights when the run kept them."""
+    state = load_checkpoint(path, map_location=map_location)
+    gen_sde = build_gen_sde(state)
+    weights = state.get("ema_state") or state["model_state"]
+    gen_sde.a.load_state_dict(weights)  # strict: a mismatch is an error, never a silent partial load
+    return gen_sde.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+
+
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems do not support fsync on directories
+    finally:
+        os.close(fd)

@@ -1,0 +1,101 @@
+"""The image task (MNIST, CIFAR-10) for the shared training loop: data, bits/dim evaluation, sample grids.
+
+Data path (DESIGN.md section 5): integer pixels k -> x = (k + u) / 256 -> with --real=True,
+z = logit(alpha + (1 - 2 alpha) x) and its log-determinant. The SDE runs on z (or on x), and
+
+    bpd = -(ELBO(z) + log|dz/dx|) / (D ln 2) + 8.
+"""
+import math
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+from lib.image_data import dequantize, load_image_datasets, random_hflip, test_loader, train_loader
+from lib.likelihood import bits_per_dim, logit_transform, mean_and_stderr
+from lib.samplers import sample_lambda
+from lib.training import Task
+
+LOGIT_ALPHA = 0.05
+
+# U-Net per data set (Ho et al. 2020 for CIFAR-10; a smaller one for MNIST).
+UNET = {
+    "mnist": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.0),
+    "cifar": dict(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1),
+}
+
+
+def to_model_space(x, real):
+    """Dequantized x in [0, 1) -> (data the SDE runs on, log|d data / d x| (B,))."""
+    if real:
+        return logit_transform(x, LOGIT_ALPHA)
+    return x, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+
+
+def to_image(z, real):
+    """Inverse of to_model_space for viewing: model space -> [0, 1]."""
+    if real:
+        z = (torch.sigmoid(z) - LOGIT_ALPHA) / (1 - 2 * LOGIT_ALPHA)
+    return z.clamp(0, 1)
+
+
+def make_image_task(args, rank=0, world_size=1):
+    train_set, test_set, info = load_image_datasets(args.dataset, args.dataroot)
+    unet = dict(UNET[args.dataset])
+    if args.ch is not None:
+        unet["ch"] = args.ch
+    model = {"name": "unet", "kwargs": {"input_channels": info.channels, "input_height": info.height, **unet}}
+    sde = {"beta_min": 0.1, "beta_max": 20.0, "T": args.T0}
+
+    def batches(start, device):
+        loader = train_loader(train_set, args.batch_size, seed=args.seed, start_iteration=start,
+                              num_workers=args.num_workers, rank=rank, world_size=world_size,
+                              pin_memory=device.type == "cuda")
+        it = start
+        for k, _ in loader:
+            it += 1
+            # Dequantisation noise and flips: a pure function of (seed, rank, iteration), so resuming is exact.
+            g = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + it) * 64 + rank)
+            x = dequantize(k.to(device, non_blocking=True), generator=g)
+            if info.hflip:
+                x = random_hflip(x, generator=g)
+            yield to_model_space(x, args.real)[0]
+
+    @torch.no_grad()
+    def evaluate(gen_sde, iteration):
+        device = next(gen_sde.parameters()).device
+        g = torch.Generator(device=device).manual_seed(args.seed + iteration)
+        bpd = []
+        loader = test_loader(test_set, args.test_batch_size, num_workers=args.num_workers,
+                             test_subset=args.num_eval, rank=rank, world_size=world_size)
+        for k, _ in loader:
+            z, logdet = to_model_space(dequantize(k.to(device), generator=g), args.real)
+            bpd.append(bits_per_dim(gen_sde.elbo_random_t_slice(z), info.dim, logdet).double().cpu())
+        mean, se = mean_and_stderr(gather(torch.cat(bpd), world_size))
+        return {"bpd": mean, "bpd_std_err": se}
+
+    def describe(iteration, loss, m):
+        return f"Iteration {iteration}  loss {loss:.4f}  BPD {m['bpd']:.4f} ± {m['bpd_std_err']:.4f}"
+
+    def sample(gen_sde, iteration, logger):
+        device = next(gen_sde.parameters()).device
+        g = torch.Generator(device=device).manual_seed(args.seed)
+        y = torch.randn(args.num_samples, *info.shape, generator=g, device=device)
+        x = to_image(sample_lambda(gen_sde, y, args.num_steps, args.lmbd, generator=g), args.real)
+        grid = make_grid(x.cpu(), nrow=int(math.sqrt(args.num_samples)))
+        save_image(grid, logger.path(f"samples_{iteration:07d}.png"))
+        logger.image("samples", grid, iteration)
+
+    return Task(kind="img", model=model, sde=sde, batches=batches, evaluate=evaluate, describe=describe,
+                sample=sample, extra={"dataset": args.dataset, "real": args.real, "logit_alpha": LOGIT_ALPHA,
+                                      "shape": list(info.shape)})
+
+
+def gather(values, world_size):
+    """Concatenate the per-rank values (each rank holds distinct test examples) on every rank."""
+    if world_size == 1:
+        return values
+    import torch.distributed as dist
+
+    parts = [None] * world_size
+    dist.all_gather_object(parts, values)
+    return torch.cat(parts)

@@ -1,0 +1,45 @@
+"""Train the plug-in reverse SDE on MNIST or CIFAR-10 with the DDPM U-Net and report bits/dim.
+
+    python train_img.py --dataset=cifar --debias=True
+    python train_img.py --dataset=mnist --dataroot=data --num_eval=1000
+
+A drop-in for sdeflow-light's command line (booleans are written --real=True / --debias=False).
+Data are read by torchvision's MNIST / CIFAR10 classes from --dataroot (CIFAR-10 under
+<dataroot>/cifar10) and downloaded when the network allows. The run folder <saveroot>/<expname>
+holds args.json, log.txt (one line per evaluation: iteration, loss, BPD ± standard error),
+metrics.jsonl, TensorBoard events (loss, bpd, bpd_std_err, samples), sample grids and
+checkpoint.pt; rerunning the same command resumes from the checkpoint.
+"""
+from lib.config import ArgumentParser, add_training_args, nonnegative_int, positive_int, str2bool, unit_interval
+from lib.training import run
+
+DEFAULTS = dict(expname="img", num_iterations=100_000, batch_size=64, lr=1e-4, ema_decay=0.9999, debias=False,
+                print_every=500, sample_every=5_000, checkpoint_every=1_000, num_steps=1_000)
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", choices=("mnist", "cifar"), default="mnist")
+    p.add_argument("--dataroot", default="data", help="MNIST under <dataroot>/MNIST, CIFAR-10 under <dataroot>/cifar10")
+    add_training_args(p, DEFAULTS)
+    p.add_argument("--test_batch_size", type=positive_int, default=256)
+    p.add_argument("--num_eval", type=positive_int, default=None,
+                   help="evaluate bits/dim on the first N test images only (default: the whole test set)")
+    p.add_argument("--real", type=str2bool, default=True, help="True: model logit(alpha + (1 - 2 alpha) x)")
+    p.add_argument("--lmbd", type=unit_interval, default=0.0, help="λ of the sampler for the sample grids")
+    p.add_argument("--num_samples", type=positive_int, default=64, help="images per sample grid")
+    p.add_argument("--num_workers", type=nonnegative_int, default=2, help="data-loading processes")
+    p.add_argument("--ch", type=positive_int, default=None,
+                   help="U-Net base channels (default: 32 for MNIST, 128 for CIFAR-10; a multiple of 32)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    from lib.image_data import DatasetNotFoundError
+    from lib.image_task import make_image_task
+
+    run(parse_args(argv), make_image_task, user_errors=(DatasetNotFoundError,))
+
+
+if __name__ == "__main__":
+    main()
