@@ -10,6 +10,7 @@ import math
 import torch
 from torchvision.utils import make_grid, save_image
 
+from lib.config import ConfigError
 from lib.image_data import dequantize, load_image_datasets, random_hflip, test_loader, train_loader
 from lib.likelihood import bits_per_dim, logit_transform, mean_and_stderr
 from lib.samplers import sample_lambda
@@ -40,6 +41,13 @@ def to_image(z, real):
 
 def make_image_task(args, rank=0, world_size=1):
     train_set, test_set, info = load_image_datasets(args.dataset, args.dataroot)
+    if args.batch_size > len(train_set):
+        raise ConfigError(f"--batch_size={args.batch_size} exceeds the {len(train_set)} training images")
+    if args.num_eval is not None and args.num_eval > len(test_set):
+        raise ConfigError(f"--num_eval={args.num_eval} exceeds the {len(test_set)} test images")
+    if args.batch_size % world_size:
+        raise ConfigError(f"--batch_size={args.batch_size} (the global batch) must be divisible by the "
+                          f"{world_size} processes")
     unet = dict(UNET[args.dataset])
     if args.ch is not None:
         unet["ch"] = args.ch

@@ -26,6 +26,15 @@ def check_ode_method(method):
     return method
 
 
+def land_on_end(t_span):
+    """torchdiffeq options making the last adaptive step end exactly at t_span[-1].
+
+    By default the adaptive solvers step past the final time and interpolate back, which would
+    evaluate the drift outside [0, T] (forward time s < 0, where the VP variance is negative).
+    """
+    return {"step_t": t_span[-1:]}
+
+
 def ode_log_likelihood(gen_sde, x, rtol=1e-5, atol=1e-5, method="dopri5", vtype=None, generator=None):
     """log p_0(x) in nats under the probability-flow ODE of gen_sde, and the number of drift evaluations.
 
@@ -61,7 +70,8 @@ def ode_log_likelihood(gen_sde, x, rtol=1e-5, atol=1e-5, method="dopri5", vtype=
 
     state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     s_span = torch.tensor([0.0, float(gen_sde.T)], dtype=x.dtype, device=x.device)
-    y_T, int_div = (v[-1] for v in odeint(augmented_flow, state0, s_span, rtol=rtol, atol=atol, method=method))
+    solution = odeint(augmented_flow, state0, s_span, rtol=rtol, atol=atol, method=method, options=land_on_end(s_span))
+    y_T, int_div = (v[-1] for v in solution)
     return (base.prior_log_prob(y_T) + int_div).detach(), nfe
 
 

@@ -15,7 +15,7 @@ import operator
 import torch
 from torchdiffeq import odeint
 
-from lib.likelihood import check_ode_method
+from lib.likelihood import check_ode_method, land_on_end
 from lib.sdes import _check_lambda, as_batch_time, batch_view
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
@@ -98,7 +98,7 @@ def sample_ode(gen_sde, y, rtol=1e-5, atol=1e-5, method="dopri5", denoise=False,
         return gen_sde.mu(as_batch_time(t, y_t), y_t, 1.0)
 
     t_span = torch.tensor([0.0, T - eps_end], dtype=y.dtype, device=y.device)
-    x = odeint(flow, y, t_span, rtol=rtol, atol=atol, method=method)[-1]
+    x = odeint(flow, y, t_span, rtol=rtol, atol=atol, method=method, options=land_on_end(t_span))[-1]
     return (tweedie_denoise(gen_sde, x, eps_end) if denoise else x), nfe
 
 
