@@ -9,8 +9,14 @@ Data are read by torchvision's MNIST / CIFAR10 classes from --dataroot (CIFAR-10
 holds args.json, log.txt (one line per evaluation: iteration, loss, BPD ± standard error),
 metrics.jsonl, TensorBoard events (loss, bpd, bpd_std_err, samples), sample grids and
 checkpoint.pt; rerunning the same command resumes from the checkpoint.
+
+Several GPUs, on one machine or several, train data-parallel under torchrun (rank 0 writes the run
+folder; --batch_size stays the global batch, split across the processes):
+
+    torchrun --standalone --nproc_per_node=8 train_img.py --dataset=cifar --amp=True --compile=True
 """
-from lib.config import ArgumentParser, add_training_args, nonnegative_int, positive_int, str2bool, unit_interval
+from lib.config import (ArgumentParser, add_training_args, multiple_of, nonnegative_int, positive_int, str2bool,
+                        unit_interval)
 from lib.training import run
 
 DEFAULTS = dict(expname="img", num_iterations=100_000, batch_size=64, lr=1e-4, ema_decay=0.9999, debias=False,
@@ -29,7 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--lmbd", type=unit_interval, default=0.0, help="λ of the sampler for the sample grids")
     p.add_argument("--num_samples", type=positive_int, default=64, help="images per sample grid")
     p.add_argument("--num_workers", type=nonnegative_int, default=2, help="data-loading processes")
-    p.add_argument("--ch", type=positive_int, default=None,
+    p.add_argument("--ch", type=multiple_of(32), default=None,
                    help="U-Net base channels (default: 32 for MNIST, 128 for CIFAR-10; a multiple of 32)")
     return p.parse_args(argv)
 

@@ -11,7 +11,8 @@ checkpoint cannot run code. A checkpoint is a dict:
     sde                  VariancePreservingSDE keyword arguments
     gen_sde              {'T', 'vtype', 'debias'}
     iteration            the last completed training iteration
-    model_state, ema_state, optimizer_state, rng_state, ...   (training state)
+    model_state, ema_state, optimizer_state, ...   (training state; state dicts of the unwrapped
+                         network, so no 'module.' (DDP) or '_orig_mod.' (torch.compile) prefixes)
 """
 import os
 import tempfile
@@ -23,6 +24,7 @@ from lib.sdes import PluginReverseSDE, VariancePreservingSDE
 
 FORMAT = "sdeflow-checkpoint"
 VERSION = 1
+_PARTIAL = (".checkpoint-", ".tmp")  # prefix and suffix of a write in progress
 
 
 class CheckpointError(Exception):
@@ -33,7 +35,7 @@ def save_checkpoint(path, state):
     """Write `state` (a dict of tensors and plain types) to `path` atomically."""
     state = {"format": FORMAT, "version": VERSION, **state}
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=_PARTIAL[0], suffix=_PARTIAL[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
             torch.save(state, fh)
@@ -45,6 +47,18 @@ def save_checkpoint(path, state):
             os.remove(tmp)
         raise
     _fsync_dir(folder)  # make the rename itself durable
+
+
+def remove_partial_writes(folder):
+    """Delete the temporary files of writes that a kill interrupted (the checkpoint itself is intact)."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(_PARTIAL[0]) and name.endswith(_PARTIAL[1]):
+            try:
+                os.remove(os.path.join(folder, name))
+            except FileNotFoundError:
+                pass
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -78,11 +92,16 @@ def build_gen_sde(state):
 
 def load_model(path, map_location="cpu"):
     """The trained PluginReverseSDE of a run, in eval mode, with the EMA weights when the run kept them."""
+    return load_run(path, map_location)[0]
+
+
+def load_run(path, map_location="cpu"):
+    """(load_model's PluginReverseSDE, the checkpoint dict): for tools that also need 'kind', 'args', 'extra'."""
     state = load_checkpoint(path, map_location=map_location)
     gen_sde = build_gen_sde(state)
     weights = state.get("ema_state") or state["model_state"]
     gen_sde.a.load_state_dict(weights)  # strict: a mismatch is an error, never a silent partial load
-    return gen_sde.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval()
+    return gen_sde.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval(), state
 
 
 def _fsync_dir(folder):

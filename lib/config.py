@@ -46,10 +46,24 @@ def nonnegative_int(value):
 
 
 def positive_float(value):
+    """A number > 0 that float32 can hold (learning rates, noise levels and times all meet float32 tensors)."""
     x = _parse(float, value, "a number")
-    if not (x > 0 and math.isfinite(x)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    if not (x > 0 and math.isfinite(x) and x <= torch.finfo(torch.float32).max):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 and at most 3.4e38 (float32's largest), got {value}")
     return x
+
+
+def multiple_of(k):
+    """A positive integer multiple of k (e.g. U-Net channels, which GroupNorm splits into 32 groups)."""
+
+    def parse(value):
+        n = _parse(int, value, "an integer")
+        if n <= 0 or n % k:
+            raise argparse.ArgumentTypeError(f"must be a positive multiple of {k}, got {value}")
+        return n
+
+    parse.__name__ = f"multiple_of_{k}"
+    return parse
 
 
 def unit_interval(value):
@@ -97,8 +111,13 @@ def add_training_args(parser, defaults):
     parser.add_argument("--seed", type=nonnegative_int, default=0)
     parser.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     parser.add_argument("--num_iterations", type=positive_int, default=d["num_iterations"])
-    parser.add_argument("--batch_size", type=positive_int, default=d["batch_size"])
+    parser.add_argument("--batch_size", type=positive_int, default=d["batch_size"],
+                        help="the global batch: under torchrun each of the N processes takes batch_size / N")
     parser.add_argument("--lr", type=positive_float, default=d["lr"], help="Adam learning rate")
+    parser.add_argument("--lr_schedule", choices=("constant", "cosine"), default=d.get("lr_schedule", "constant"),
+                        help="constant, or cosine decay to 0 at --num_iterations (after the warm-up)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=d.get("warmup", 0),
+                        help="iterations of linear learning-rate warm-up from 0")
     parser.add_argument("--ema_decay", type=unit_interval, default=d.get("ema_decay", 0.999),
                         help="EMA of the weights used for evaluation and sampling (0 disables)")
     parser.add_argument("--debias", type=str2bool, default=d["debias"],
@@ -109,6 +128,10 @@ def add_training_args(parser, defaults):
     parser.add_argument("--sample_every", type=positive_int, default=d["sample_every"])
     parser.add_argument("--checkpoint_every", type=positive_int, default=d["checkpoint_every"])
     parser.add_argument("--num_steps", type=positive_int, default=d["num_steps"], help="sampler steps")
+    parser.add_argument("--amp", type=str2bool, default=False,
+                        help="True: run the training forward of the network in bfloat16 autocast (GPUs)")
+    parser.add_argument("--compile", type=str2bool, default=False,
+                        help="True: torch.compile the network for training (GPUs; the first steps compile)")
     return parser
 
 

@@ -19,7 +19,8 @@ Exact resume: a training batch is a pure function of (seed, iteration). ``train_
 indices from ``EpochShuffleSampler`` (batch b depends on (seed, b) alone, and starts at any
 iteration), flips and dequantisation noise come from generators the training code seeds from
 (seed, iteration), and no loader draws from torch's global RNG. ``test_loader`` keeps every test
-example in order and shards it across ranks so that a gathered evaluation sees each one exactly once.
+example in order and shards whole batches across ranks so that a gathered evaluation sees each one
+exactly once, batched as in a single process.
 """
 import gzip
 import os
@@ -127,20 +128,23 @@ def train_loader(train_set, batch_size, seed=0, start_iteration=0, num_workers=0
 
 
 def test_loader(test_set, test_batch_size, num_workers=0, test_subset=None, rank=0, world_size=1, pin_memory=False):
-    """This rank's test examples, in order, in batches of ``test_batch_size`` (the last one may be short).
+    """This rank's test batches, in order: the examples (the first ``test_subset`` of them, else all) cut
+    into consecutive batches of ``test_batch_size`` (the last one may be short), global batch j going to
+    rank j % world_size; rank r's i-th batch is global batch r + i * world_size.
 
-    ``test_subset=N`` keeps the first N examples (a quick evaluation). With ``world_size`` > 1, rank r
-    gets examples r, r + W, r + 2W, ... of those (no padding, no duplicates; a rank may get none
-    when there are fewer examples than ranks), so gathering over ranks covers each exactly once.
+    Whole batches are sharded, not examples, so each batch holds the same examples for any number of
+    ranks: an evaluation seeded per global batch gives every example the same value whatever
+    world_size is, and gathering the batches over ranks covers each example exactly once (no padding,
+    no duplicates; a rank may get none when there are fewer batches than ranks).
     """
     test_batch_size = _positive_int(test_batch_size, "test_batch_size")
     rank, world_size = _check_rank(rank, world_size)
-    if test_subset is not None:
-        test_set = first_examples(test_set, test_subset)
-    if world_size > 1:
-        test_set = Subset(test_set, range(rank, len(test_set), world_size))
-    return DataLoader(test_set, batch_size=test_batch_size, shuffle=False, drop_last=False, num_workers=num_workers,
-                      pin_memory=pin_memory, generator=_private_generator(0))
+    n = len(test_set) if test_subset is None else len(first_examples(test_set, test_subset))
+    num_batches = -(-n // test_batch_size)
+    batches = [list(range(j * test_batch_size, min(n, (j + 1) * test_batch_size)))
+               for j in range(rank, num_batches, world_size)]
+    return DataLoader(test_set, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
+                      generator=_private_generator(0))
 
 
 test_loader.__test__ = False  # not a test: keeps pytest from collecting it where a test module imports it

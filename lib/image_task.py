@@ -8,13 +8,14 @@ z = logit(alpha + (1 - 2 alpha) x) and its log-determinant. The SDE runs on z (o
 import math
 
 import torch
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 from lib.config import ConfigError
+from lib.distributed import gather_in_order
 from lib.image_data import dequantize, load_image_datasets, random_hflip, test_loader, train_loader
 from lib.likelihood import bits_per_dim, logit_transform, mean_and_stderr
 from lib.samplers import sample_lambda
-from lib.training import Task
+from lib.training import EVALUATION, TRAINING_DATA, Task, derived_seed
 
 LOGIT_ALPHA = 0.05
 
@@ -45,9 +46,6 @@ def make_image_task(args, rank=0, world_size=1):
         raise ConfigError(f"--batch_size={args.batch_size} exceeds the {len(train_set)} training images")
     if args.num_eval is not None and args.num_eval > len(test_set):
         raise ConfigError(f"--num_eval={args.num_eval} exceeds the {len(test_set)} test images")
-    if args.batch_size % world_size:
-        raise ConfigError(f"--batch_size={args.batch_size} (the global batch) must be divisible by the "
-                          f"{world_size} processes")
     unet = dict(UNET[args.dataset])
     if args.ch is not None:
         unet["ch"] = args.ch
@@ -62,7 +60,7 @@ def make_image_task(args, rank=0, world_size=1):
         for k, _ in loader:
             it += 1
             # Dequantisation noise and flips: a pure function of (seed, rank, iteration), so resuming is exact.
-            g = torch.Generator(device=device).manual_seed((args.seed * 1_000_003 + it) * 64 + rank)
+            g = torch.Generator(device=device).manual_seed(derived_seed(args.seed, TRAINING_DATA, rank, it))
             x = dequantize(k.to(device, non_blocking=True), generator=g)
             if info.hflip:
                 x = random_hflip(x, generator=g)
@@ -70,15 +68,23 @@ def make_image_task(args, rank=0, world_size=1):
 
     @torch.no_grad()
     def evaluate(gen_sde, iteration):
+        """Bits/dim mean and standard error over the test examples, each counted once across ranks.
+
+        Each global test batch draws its dequantisation and ELBO noise from (seed, iteration, batch
+        index), so every example gets the same value for any number of ranks. Reseeds torch's
+        global RNG (the training loop calls this on a forked RNG).
+        """
         device = next(gen_sde.parameters()).device
-        g = torch.Generator(device=device).manual_seed(args.seed + iteration)
-        bpd = []
         loader = test_loader(test_set, args.test_batch_size, num_workers=args.num_workers,
                              test_subset=args.num_eval, rank=rank, world_size=world_size)
-        for k, _ in loader:
+        parts = []
+        for i, (k, _) in enumerate(loader):
+            j = rank + i * world_size  # the global batch index (see test_loader)
+            torch.manual_seed(derived_seed(args.seed, EVALUATION, iteration, j, 0))  # the ELBO's t, noise, probes
+            g = torch.Generator(device=device).manual_seed(derived_seed(args.seed, EVALUATION, iteration, j, 1))
             z, logdet = to_model_space(dequantize(k.to(device), generator=g), args.real)
-            bpd.append(bits_per_dim(gen_sde.elbo_random_t_slice(z), info.dim, logdet).double().cpu())
-        mean, se = mean_and_stderr(gather(torch.cat(bpd), world_size))
+            parts.append((j, bits_per_dim(gen_sde.elbo_random_t_slice(z), info.dim, logdet).double()))
+        mean, se = mean_and_stderr(gather_in_order(parts, world_size))
         return {"bpd": mean, "bpd_std_err": se}
 
     def describe(iteration, loss, m):
@@ -90,20 +96,9 @@ def make_image_task(args, rank=0, world_size=1):
         y = torch.randn(args.num_samples, *info.shape, generator=g, device=device)
         x = to_image(sample_lambda(gen_sde, y, args.num_steps, args.lmbd, generator=g), args.real)
         grid = make_grid(x.cpu(), nrow=int(math.sqrt(args.num_samples)))
-        save_image(grid, logger.path(f"samples_{iteration:07d}.png"))
-        logger.image("samples", grid, iteration)
+        logger.image("samples", grid, iteration, filename=f"samples_{iteration:07d}.png")
 
     return Task(kind="img", model=model, sde=sde, batches=batches, evaluate=evaluate, describe=describe,
                 sample=sample, extra={"dataset": args.dataset, "real": args.real, "logit_alpha": LOGIT_ALPHA,
                                       "shape": list(info.shape)})
 
-
-def gather(values, world_size):
-    """Concatenate the per-rank values (each rank holds distinct test examples) on every rank."""
-    if world_size == 1:
-        return values
-    import torch.distributed as dist
-
-    parts = [None] * world_size
-    dist.all_gather_object(parts, values)
-    return torch.cat(parts)

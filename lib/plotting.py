@@ -26,34 +26,38 @@ def samples_figure(data, samples_by_label, title, lim=1.6):
     return fig
 
 
-def trajectories_figure(trajectories_by_label, T, title, num_paths=40, num_snapshots=5, lim=2.5):
-    """Rows: one per entry ({'λ=0 (reverse SDE)': list of (N, 2) states}); columns: snapshots in time
-    from generative t = 0 (noise) to t = T (data), then the paths of `num_paths` particles."""
-    rows = len(trajectories_by_label)
-    cols = num_snapshots + 1
-    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.7 * rows), squeeze=False)
-    for r, (label, states) in enumerate(trajectories_by_label.items()):
-        steps = len(states) - 1
-        picks = [round(k * steps / (num_snapshots - 1)) for k in range(num_snapshots)]
-        for c, k in enumerate(picks):
+def trajectories_figure(trajectories_by_label, title, snapshot_times=(0.0, 0.6, 0.85, 0.95, 0.98, 1.0), num_paths=30,
+                        lim=2.5):
+    """The paper's Figure 5 for 2-D data: how particles travel from noise (t = 0) to data (t = T).
+
+    trajectories_by_label: {'λ=0 (reverse SDE)': (times (K,), states (K, N, 2)), ...}, times in generative
+    time from 0 to T. One row per entry: scatter snapshots at the fractions `snapshot_times` of T (the
+    VP SDE keeps the particles noise-like until late, so the defaults crowd towards t = T), then the first
+    coordinate of `num_paths` particles against t, where the reverse SDE's paths are rough and the
+    probability-flow ODE's smooth.
+    """
+    rows, cols = len(trajectories_by_label), len(snapshot_times) + 1
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * (cols + 1), 2.7 * rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [1] * (cols - 1) + [2]})
+    for r, (label, (times, states)) in enumerate(trajectories_by_label.items()):
+        times, states = times.cpu(), states.cpu()
+        T = times[-1].item()
+        for c, frac in enumerate(snapshot_times):
+            k = int(torch.argmin((times - frac * T).abs()))
             ax = axes[r, c]
-            y = states[k].cpu()
-            ax.scatter(y[:, 0], y[:, 1], s=1, c="tab:red")
-            ax.set_title(f"t = {T * k / steps:.2f}")
+            ax.scatter(states[k, :, 0], states[k, :, 1], s=1, c="tab:red")
+            ax.set_title(f"t = {times[k].item():.2f}")
+            ax.set_xlabel("$x_1$")
             _square(ax, lim)
             if c == 0:
                 ax.set_ylabel(f"{label}\n$x_2$")
         ax = axes[r, -1]
-        path = torch.stack(list(states))[:, :num_paths].cpu()  # (steps + 1, num_paths, 2)
-        for j in range(path.shape[1]):
-            ax.plot(path[:, j, 0], path[:, j, 1], lw=0.6, alpha=0.7)
-        ax.scatter(path[0, :, 0], path[0, :, 1], s=6, c="gray", label="t = 0")
-        ax.scatter(path[-1, :, 0], path[-1, :, 1], s=6, c="black", label="t = T")
-        ax.set_title(f"{path.shape[1]} particle paths")
-        ax.legend(loc="lower right", fontsize=7)
-        _square(ax, lim)
-    for ax in axes[-1]:
-        ax.set_xlabel("$x_1$")
+        ax.plot(times, states[:, :num_paths, 0], lw=0.7, alpha=0.8)  # (K, num_paths): one line per particle
+        ax.set_xlim(0, T)
+        ax.set_ylim(-lim, lim)
+        ax.set_xlabel("generative time t")
+        ax.set_ylabel("$x_1$")
+        ax.set_title(f"{min(num_paths, states.shape[1])} particle paths")
     fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -46,7 +46,7 @@ class RunLogger:
         path = self.path("metrics.jsonl")
         if os.path.exists(path):
             with open(path) as fh:
-                kept = [line for line in fh if line.strip() and json.loads(line)["iteration"] <= iteration]
+                kept = [line for line in fh if _iteration_of(line) <= iteration]
             with open(path, "w") as fh:
                 fh.writelines(kept)
 
@@ -74,15 +74,23 @@ class RunLogger:
             self.writer.add_scalar(tag, value, iteration)
         self.writer.flush()
 
-    def image(self, tag, grid, iteration):
-        """grid: (C, H, W) in [0, 1]."""
-        if self.enabled:
-            self.writer.add_image(tag, grid, iteration)
-            self.writer.flush()
+    def image(self, tag, grid, iteration, filename=None):
+        """grid: (C, H, W) in [0, 1], to TensorBoard and, given a filename, as a PNG in the run folder."""
+        if not self.enabled:
+            return
+        if filename is not None:
+            from torchvision.utils import save_image
+
+            save_image(grid, self.path(filename))
+        self.writer.add_image(tag, grid, iteration)
+        self.writer.flush()
 
     def figure(self, tag, fig, iteration, filename):
         """Save a matplotlib figure as PNG in the run folder and to TensorBoard, then close it."""
         if not self.enabled:
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)  # built on every rank, kept by none but rank 0
             return
         fig.savefig(self.path(filename), dpi=110, bbox_inches="tight")
         self.writer.add_figure(tag, fig, iteration, close=True)
@@ -91,3 +99,11 @@ class RunLogger:
     def close(self):
         if self._writer is not None:
             self._writer.close()
+
+
+def _iteration_of(line):
+    """The iteration of a metrics.jsonl line; infinite for a blank or torn one (a kill mid-write), so it is dropped."""
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")

@@ -19,6 +19,8 @@ from lib.likelihood import check_ode_method, land_on_end
 from lib.sdes import _check_lambda, as_batch_time, batch_view
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
+# Command-line names (sample.py): sample_lambda (Euler-Maruyama), sample_pc, sample_ode.
+SAMPLERS = ("em", "pc", "ode")
 
 
 @torch.no_grad()

@@ -45,6 +45,7 @@ class SDE(abc.ABC):
     """
 
     T: float
+    t_epsilon: float  # the debiasing density is flat below it; PluginReverseSDE.elbo switches form there
 
     @abc.abstractmethod
     def f(self, t, y):
@@ -65,6 +66,14 @@ class SDE(abc.ABC):
     @abc.abstractmethod
     def var(self, t):
         """sigma^2(t), shaped like t."""
+
+    @abc.abstractmethod
+    def denoising_offset(self, s0, s1, y):
+        """int_{s0}^{s1} (D g^2 / (2 sigma^2) + div f) ds in closed form, (B,); D = y[0].numel().
+
+        The drift-free part of the ELBO integrand in denoising form (PluginReverseSDE.elbo).
+        s0, s1: (B,) or scalars; y (B, ...) only gives the batch, dimension, dtype and device.
+        """
 
     @abc.abstractmethod
     def importance_time_sampler(self, T=None):
@@ -93,6 +102,14 @@ class SDE(abc.ABC):
         """log N(y; 0, I) per example, (B,)."""
         d = y[0].numel()
         return -0.5 * y.pow(2).flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi)
+
+    def expected_prior_log_prob(self, t, y0):
+        """E[log N(Y_t; 0, I) | Y_0 = y0] in closed form, (B,): Y_t | y0 ~ N(alpha y0, sigma^2 I), so
+        E|Y_t|^2 = alpha^2 |y0|^2 + D sigma^2."""
+        t = as_batch_time(t, y0)
+        d = y0[0].numel()
+        second_moment = self.mean_weight(t) ** 2 * y0.pow(2).flatten(1).sum(1) + d * self.var(t)
+        return -0.5 * second_moment - 0.5 * d * math.log(2 * math.pi)
 
     def sample_debiasing_t(self, shape, device=None, dtype=torch.float32, generator=None):
         """s ~ q of the given shape (DESIGN.md section 2)."""
@@ -141,6 +158,12 @@ class VariancePreservingSDE(SDE):
     def div_f(self, t, y):
         t = as_batch_time(t, y)
         return -0.5 * y[0].numel() * self.beta(t)
+
+    def denoising_offset(self, s0, s1, y):
+        # D g^2 / (2 sigma^2) + div f = D beta (1 - sigma^2) / (2 sigma^2) = (D/2) d/ds log sigma^2,
+        # since d sigma^2 / ds = beta (1 - sigma^2).
+        s0, s1 = as_batch_time(s0, y), as_batch_time(s1, y)
+        return 0.5 * y[0].numel() * (torch.log(self.var(s1)) - torch.log(self.var(s0)))
 
     def importance_time_sampler(self, T=None):
         return VPImportanceTimeSampler(self.beta_min, self.beta_max, self.T if T is None else T, self.t_epsilon)
@@ -196,16 +219,77 @@ class PluginReverseSDE(nn.Module):
         """
         sampler = UniformTimeSampler(self.T)
         s, q = sampler.sample((x.shape[0],), device=x.device, dtype=x.dtype)
+        integrand = self._hutchinson_integrand(self.base_sde.sample(s, x), s)
+        y_T = self.base_sde.sample(torch.full_like(s, self.T), x)
+        elbo = self.base_sde.prior_log_prob(y_T) - integrand / q
+        return elbo if self.training else elbo.detach()
+
+    def elbo(self, x):
+        """ELBO of the plug-in reverse SDE (lambda = 0) in nats, (B,): unbiased, the expectation of
+        ``elbo_random_t_slice``, with a far smaller variance per unit of compute (benchmarks/elbo_variance.py:
+        ~90x less variance, ~2x less time on sharp 3x32x32 mixture data).
+
+        ELBO(x) = E log N(Y_T; 0, I) - int_0^T h(s) ds,  h(s) = E[1/2 |a|^2 + div(g a) - div f](Y_s, s),
+        Y_s = alpha x + sigma eps, eps ~ N(0, I), D = x[0].numel(). Four changes to the random t slice:
+
+        1. The prior term in closed form (SDE.expected_prior_log_prob): Y_T | x ~ N(alpha_T x, sigma_T^2 I).
+        2. Denoising form above s0 = t_epsilon. For fixed x and s, Gaussian integration by parts
+           (Stein's lemma, E[d phi / d eps_i] = E[eps_i phi]) with phi = g a_i(alpha x + sigma eps) gives
+               E[div(g a)] = (g / sigma) E[a . eps],
+           and completing the square, with E|eps|^2 = D,
+               E[1/2 |a|^2 + div(g a)] = E[1/2 |a + g eps / sigma|^2] - D g^2 / (2 sigma^2).
+           So h(s) = E[1/2 |a + g eps / sigma|^2] - c(s) with c = D g^2 / (2 sigma^2) + div f free of the
+           drift: int_{s0}^T c is exact (SDE.denoising_offset; (D/2) log(sigma_T^2 / sigma_s0^2) for VP).
+           No divergence, so no probe and no backward pass; the residual a + g eps / sigma is the error of
+           the drift's denoising, small where the drift is good.
+        3. Hutchinson form below s0. As s -> 0 the drift stays bounded (data with a density) while
+           g eps / sigma grows like 1 / sigma: the denoising integrand's variance grows like
+           D g^4 / (2 sigma^4) ~ D / (2 s^2), and int Var(s) / q(s) ds near 0 is infinite for every
+           density q (Cauchy-Schwarz against int ds / s). 1/2 |a|^2 + v^T d(g a)/dy v - div f stays
+           bounded. Both forms have expectation h(s) at every s, so switching at s0 keeps the estimate
+           unbiased; q puts ~5% of the draws below s0 (defaults), so few examples need the backward pass.
+        4. s ~ q, the debiasing density (flat below t_epsilon, prop. to g^2 / sigma^2 above), weighted by
+           1 / q(s). |h(s)| grows like 1 / (sigma^2 + data scale^2) as s -> 0, where the uniform slice spends
+           few draws; above s0 the estimate is Z * dsm, the debiased DSM loss (Z: q's normaliser). Densities
+           that also decay like alpha^2 suit an accurate drift better, but a poor drift (early in training)
+           leaves a residual of size c(s) near s = T, where their weights reach 1 / alpha_T^2 ~ e^10.
+
+        Built for data sharper than sigma(t_epsilon) (0.01 by default; dequantised 8-bit images are sharper
+        still): on data without a fine scale (a broad Gaussian) the denoising form is noisy for all sigma
+        below the data's scale and the slice can do better, unless t_epsilon is raised to match that scale.
+        Each example draws its own s, eps and probe: the B estimates are independent and each is unbiased,
+        so their spread gives honest standard errors (stratifying s across the batch would keep each one
+        unbiased but couple them). The drift runs on the two sub-batches (s < s0, s >= s0) in separate calls.
+        Keeps the graph for optimisation in training mode only.
+        """
+        sde = self.base_sde
+        s, q = sde.importance_time_sampler(self.T).sample((x.shape[0],), device=x.device, dtype=x.dtype)
+        s0 = torch.full_like(s, sde.t_epsilon)
+        y, eps, std, g = sde.sample(s, x, return_noise=True)
+        integrand = torch.zeros_like(s)
+        denoise = (s >= s0).nonzero(as_tuple=True)[0]
+        if denoise.numel():
+            with torch.set_grad_enabled(self.training and torch.is_grad_enabled()):
+                a = self.a(y[denoise], s[denoise])
+                residual = a + g[denoise] * eps[denoise] / std[denoise]
+                integrand = integrand.index_copy(0, denoise, 0.5 * residual.pow(2).flatten(1).sum(1))
+        hutchinson = (s < s0).nonzero(as_tuple=True)[0]
+        if hutchinson.numel():
+            part = self._hutchinson_integrand(y[hutchinson], s[hutchinson])
+            integrand = integrand.index_copy(0, hutchinson, part)
+        T = torch.full_like(s, self.T)
+        elbo = sde.expected_prior_log_prob(T, x) + sde.denoising_offset(s0, T, x) - integrand / q
+        return elbo if self.training else elbo.detach()
+
+    def _hutchinson_integrand(self, y, s):
+        """1/2 |a|^2 + v^T (d(g a)/dy) v - div f at (y (B, ...), s (B,)) with one probe v, (B,)."""
         with torch.enable_grad():  # the divergence needs autograd even under no_grad evaluation
-            y = self.base_sde.sample(s, x).detach().requires_grad_(True)
+            y = y.detach().requires_grad_(True)
             a = self.a(y, s)
             ga = self.base_sde.g(s, y) * a
             probe = sample_probe(y, self.vtype)
             div_ga = divergence_estimate(ga, y, probe, create_graph=self.training)
-            integrand = 0.5 * a.pow(2).flatten(1).sum(1) + div_ga - self.base_sde.div_f(s, y)
-        y_T = self.base_sde.sample(torch.full_like(s, self.T), x)
-        elbo = self.base_sde.prior_log_prob(y_T) - integrand / q
-        return elbo if self.training else elbo.detach()
+            return 0.5 * a.pow(2).flatten(1).sum(1) + div_ga - self.base_sde.div_f(s, y)
 
 
 def _check_lambda(lmbd):

@@ -232,3 +232,24 @@ def swiss_roll_log_density(x, noise=DEFAULT_NOISE, refine=1, chunk_size=None):
         lse = logits.sub_(peak[:, None]).exp_().sum(dim=1).log_().add_(peak)
         out[start:start + chunk_size] = lse - block.square().sum(dim=-1) / (2.0 * tau_sq)
     return (out + const).reshape(lead_shape)
+
+
+def diffused_swiss_roll_score(y, alpha, var, noise=DEFAULT_NOISE):
+    """The exact score grad_y log p_s(y) of the swiss roll diffused by a VP-type kernel.
+
+    Y_s = alpha x + sqrt(var) eps with x from the swiss roll, so p_s is again a mixture along the
+    (scaled) curve: p_s(y) = 1 / (T_MAX - T_MIN) int N(y; alpha c(t), v I) dt, v = alpha^2 tau^2 + var,
+    and its score is the posterior mean of (alpha c(t) - y) / v over t. The integral over t uses
+    ``quadrature_rule(noise)``, built for bumps of width tau; a diffused bump is wider, so it stays
+    accurate. Used to split a model's ELBO gap into 1/2 int E|a - a*|^2 ds (benchmarks/toy_target.py).
+
+    y: (B, 2); alpha, var: (B,) (per-example forward time). Returns (B, 2) float64 on y's device.
+    """
+    noise = _check_density_noise(noise)
+    y, alpha, var = y.double(), alpha.double(), var.double()
+    t, log_w = quadrature_rule(noise)
+    centers = swiss_roll_curve(t.to(y.device))  # (N, 2)
+    v = alpha ** 2 * (noise / SCALE) ** 2 + var  # (B,)
+    diff = alpha[:, None, None] * centers[None] - y[:, None, :]  # (B, N, 2)
+    posterior = torch.softmax(log_w.to(y.device) - diff.square().sum(-1) / (2 * v[:, None]), dim=1)  # (B, N)
+    return (posterior[:, :, None] * diff).sum(1) / v[:, None]

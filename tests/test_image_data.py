@@ -377,23 +377,27 @@ def test_test_subset_gives_exactly_the_first_n_examples():
 
 
 @pytest.mark.parametrize("world_size, test_subset", [(2, None), (3, 20), (4, 50), (3, 2)])
-def test_sharded_test_sets_cover_every_example_exactly_once(world_size, test_subset):
+def test_sharded_test_sets_are_the_single_process_batches_dealt_round_robin(world_size, test_subset):
     data = TensorDataset(torch.arange(50))
     n = 50 if test_subset is None else test_subset
-    shards = [torch.cat([b for (b,) in test_loader(data, 4, test_subset=test_subset, rank=r, world_size=world_size)]
-                        + [torch.zeros(0, dtype=torch.long)]).tolist()
+    single = [b.tolist() for (b,) in test_loader(data, 4, test_subset=test_subset)]
+    shards = [[b.tolist() for (b,) in test_loader(data, 4, test_subset=test_subset, rank=r, world_size=world_size)]
               for r in range(world_size)]
-    assert [s == list(range(r, n, world_size)) for r, s in enumerate(shards)] == [True] * world_size
-    assert sorted(sum(shards, [])) == list(range(n))  # each example once: no padding, no duplicates
+    # rank r's i-th batch is global batch r + i * world_size, holding the same examples as in one process
+    assert all(batch == single[r + i * world_size] for r, shard in enumerate(shards) for i, batch in enumerate(shard))
+    every = [x for shard in shards for batch in shard for x in batch]
+    assert sorted(every) == list(range(n))  # each example once: no padding, no duplicates
 
 
 def test_sharded_cifar_test_images_are_the_written_ones(cifar):
     dataroot, written = cifar
     _, test_set, info = load_image_datasets("cifar", dataroot, download=False)
     images = torch.from_numpy(written.test_images)
+    # 30 examples in batches of 8: rank 0 gets batches 0 and 2 (examples 0-7, 16-23), rank 1 batches 1 and 3
+    expected = [torch.cat([images[0:8], images[16:24]]), torch.cat([images[8:16], images[24:30]])]
     for r in range(2):
         k = torch.cat([k for k, _ in test_loader(test_set, 8, test_subset=30, rank=r, world_size=2)])
-        assert k.dtype == torch.uint8 and torch.equal(k, images[r:30:2])
+        assert k.dtype == torch.uint8 and torch.equal(k, expected[r])
 
 
 @pytest.mark.parametrize("kwargs, match", [

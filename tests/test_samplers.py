@@ -159,7 +159,7 @@ def test_pc_sampler_runs_the_predictor_before_the_corrector():
 @pytest.mark.parametrize("denoise", [False, True])
 def test_ode_sampler_follows_the_closed_form_flow_map(denoise):
     """Along the probability flow of N(m, s0^2 I) data, (y_s - alpha(s) m) / sqrt(v(s)) is constant
-    (v = alpha^2 s0^2 + sigma^2; see test_likelihood.py for the derivation), so starting from y at
+    (v = alpha^2 s0^2 + sigma^2; equation (FLOW), derived in test_likelihood.py's docstring), so starting from y at
     s = T the sampler must return x = alpha(e) m + sqrt(v(e) / v(T)) (y - alpha(T) m) at s = e = eps_end,
     and after Tweedie's step E[x | y_e] = m + s0^2 alpha(e) / v(e) (x - alpha(e) m).
     """

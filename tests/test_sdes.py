@@ -73,6 +73,32 @@ def test_vp_drift_divergence_matches_autograd():
     assert torch.allclose(sde.div_f(s, y), jac_trace)
 
 
+@pytest.mark.parametrize("cfg", SCHEDULES)
+def test_vp_denoising_offset_is_the_integral_of_its_integrand(cfg):
+    """int_{s0}^{s1} (D beta / (2 sigma^2) + div f) ds, by the trapezoid rule on geometric nodes."""
+    sde = VariancePreservingSDE(**cfg)
+    y = torch.zeros(3, 2, 2, 2, dtype=torch.float64)  # D = 8
+    s0 = torch.tensor([1e-5, 1e-3, 0.2], dtype=torch.float64)
+    s1 = torch.tensor([1.0, 0.5, 0.9], dtype=torch.float64)
+    for i in range(3):
+        s = torch.logspace(math.log10(s0[i]), math.log10(s1[i]), 200_001, dtype=torch.float64)
+        integrand = 8 * sde.beta(s) / (2 * sde.var(s)) - 0.5 * 8 * sde.beta(s)
+        want = torch.trapezoid(integrand, s).item()
+        assert sde.denoising_offset(s0, s1, y)[i].item() == pytest.approx(want, rel=1e-7)
+
+
+@pytest.mark.parametrize("t", [1e-3, 0.3, 1.0])
+def test_expected_prior_log_prob_matches_monte_carlo(t):
+    torch.manual_seed(7)
+    sde = VariancePreservingSDE()
+    x = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    n = 100_000
+    y = sde.sample(torch.full((n * 3,), t, dtype=torch.float64), x.repeat(n, 1, 1, 1))
+    samples = sde.prior_log_prob(y).view(n, 3)
+    z = (samples.mean(0) - sde.expected_prior_log_prob(t, x)) / (samples.std(0) / math.sqrt(n))
+    assert z.abs().max() < 4, z
+
+
 # --- the lambda family -------------------------------------------------------------------------
 
 

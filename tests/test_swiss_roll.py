@@ -11,6 +11,7 @@ from scipy import integrate
 from lib.swiss_roll import (
     T_MAX,
     T_MIN,
+    diffused_swiss_roll_score,
     quadrature_rule,
     sample_swiss_roll,
     swiss_roll_log_density,
@@ -254,3 +255,22 @@ def test_default_rule_agrees_with_4x_finer_rule(noise):
     diff = (coarse - fine).abs().max().item()
     print(f"noise={noise}: {t_c.numel()} vs {t_f.numel()} nodes, max|diff| = {diff:.2e} nats")
     assert diff < 1e-5
+
+
+# ----------------------------------------------------------------------------- diffused score
+
+
+@pytest.mark.parametrize("alpha, var", [(1.0, 0.0), (0.9, 0.05), (0.3, 0.9)])
+def test_diffused_score_is_the_gradient_of_the_diffused_log_density(alpha, var):
+    """alpha x + sqrt(var) eps is alpha times a swiss roll of noise 10 sqrt(tau^2 + var / alpha^2), so
+    log p_s(y) = log p_{noise'}(y / alpha) - 2 log alpha; compare the score with its central differences."""
+    noise = 0.5
+    noise_eff = 10 * math.sqrt((noise / 10) ** 2 + var / alpha ** 2)
+    y = sample_swiss_roll(64, noise, torch.Generator().manual_seed(3)).double() * alpha
+    y = y + 0.1 * torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    h = 1e-5
+    fd = torch.stack([(swiss_roll_log_density((y + h * e) / alpha, noise_eff)
+                       - swiss_roll_log_density((y - h * e) / alpha, noise_eff)) / (2 * h)
+                      for e in torch.eye(2, dtype=torch.float64)], dim=1)
+    score = diffused_swiss_roll_score(y, torch.full((64,), alpha), torch.full((64,), var), noise)
+    assert_max_abs_diff(score, fd, 1e-4 * fd.abs().max().item())

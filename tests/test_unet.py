@@ -1,10 +1,15 @@
-"""The DDPM U-Net: shapes, zero start, DDPM's parameter count, time resolved on [0, 1], argument checks."""
+"""The DDPM U-Net: shapes, zero start, DDPM's parameter count, time resolved on [0, 1], argument checks,
+and its faster forward (fused upsampling, in-place sums) equal to the plain computation and to the U-Net
+as first landed."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.func import functional_call
 
-from lib.models.unet import AttnBlock, UNet
+from first_landed import FirstLandedUnavailable, load_first_landed_unet_module
+from lib.models.unet import AttnBlock, ResBlock, UNet, Upsample
 
 MNIST = dict(input_channels=1, input_height=28, ch=32, ch_mult=(1, 2, 2), attn_resolutions=(16,))
 # The CIFAR-10 layout at ch=32 instead of 128, to stay fast; the full width is only constructed.
@@ -165,3 +170,114 @@ def test_float64_model_runs_and_agrees_with_float32():
         out64 = model.double()(x.double(), t.double())
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64.float(), out32, rtol=1e-3, atol=1e-4)
+
+
+# --- the faster forward equals the plain computation ---------------------------------------------
+
+
+def test_upsample_equals_nearest_neighbour_then_conv():
+    torch.manual_seed(0)
+    up = Upsample(32, with_conv=True).double()
+    x = torch.randn(2, 32, 5, 7, dtype=torch.float64)  # odd, unequal sides: every border case
+    expected = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    torch.testing.assert_close(up(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_gradients_equal_those_of_nearest_neighbour_then_conv():
+    torch.manual_seed(0)
+    up = Upsample(32, with_conv=True).double()
+    x = torch.randn(2, 32, 4, 4, dtype=torch.float64, requires_grad=True)
+    weights = (x, up.conv.weight, up.conv.bias)
+    probe = torch.randn(2, 32, 8, 8, dtype=torch.float64)
+    got = torch.autograd.grad((up(x) * probe).sum(), weights)
+    expected = torch.autograd.grad((up.conv(F.interpolate(x, scale_factor=2.0)) * probe).sum(), weights)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_upsample_has_second_derivatives():
+    # The ELBO's Hutchinson divergence is differentiated again in training mode (create_graph=True).
+    torch.manual_seed(0)
+    up = Upsample(2, with_conv=True).double()  # few channels: gradgradcheck differentiates numerically
+    x = torch.randn(1, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = up.conv.weight.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda x, w: functional_call(up, {"conv.weight": w}, (x,)), (x, w))
+
+
+def test_upsample_without_conv_is_nearest_neighbour():
+    x = torch.randn(2, 32, 3, 3)
+    assert torch.equal(Upsample(32, with_conv=False)(x), x.repeat_interleave(2, 2).repeat_interleave(2, 3))
+
+
+def test_resblock_equals_ddpm_formula():
+    torch.manual_seed(0)
+    block = perturb_(ResBlock(32, 64, temb_ch=128)).double()
+    x = torch.randn(2, 32, 6, 6, dtype=torch.float64)
+    temb_act = torch.randn(2, 128, dtype=torch.float64)
+    h = block.conv1(F.silu(block.norm1(x))) + block.temb_proj(temb_act)[:, :, None, None]
+    expected = block.shortcut(x) + block.conv2(F.silu(block.norm2(h)))
+    torch.testing.assert_close(block(x, temb_act), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_input_gives_the_contiguous_output():
+    torch.manual_seed(0)
+    cfg = dict(CIFAR_SMALL, ch_mult=(1, 2), input_height=16, attn_resolutions=(8,), dropout=0.0)
+    model = perturb_(UNet(**cfg)).double().eval()
+    x, t = image_batch(cfg, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x, t)
+        got = model(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+# A small configuration with every kind of layer: attention at 8, a 1x1-conv shortcut, both resamplings.
+TINY = dict(input_channels=3, input_height=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,),
+            dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def first_landed():
+    try:
+        return load_first_landed_unet_module()
+    except FirstLandedUnavailable as err:
+        pytest.skip(str(err))
+
+
+def test_state_dict_keys_and_shapes_are_those_of_the_first_landed_unet(first_landed):
+    # Checkpoints written by the first-landed U-Net must load unchanged (and the reverse).
+    for cfg in (MNIST, CIFAR):
+        torch.manual_seed(0)
+        old = {k: v.shape for k, v in first_landed.UNet(**cfg).state_dict().items()}
+        new = {k: v.shape for k, v in UNet(**cfg).state_dict().items()}
+        assert new == old
+
+
+@pytest.mark.parametrize("resamp_with_conv", [True, False])
+def test_outputs_and_gradients_equal_those_of_the_first_landed_unet(first_landed, resamp_with_conv):
+    torch.manual_seed(0)
+    cfg = dict(TINY, resamp_with_conv=resamp_with_conv)
+    old = perturb_(first_landed.UNet(**cfg)).double()
+    new = UNet(**cfg).double()
+    new.load_state_dict(old.state_dict(), strict=True)
+    x, t = image_batch(cfg, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    grads = []
+    for model in (old, new):
+        torch.manual_seed(1)  # the same dropout masks
+        out = model.train()(x, t)
+        grads.append((out, *torch.autograd.grad((out ** 2).sum(), list(model.parameters()))))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+def test_runs_under_bfloat16_autocast_close_to_float32():
+    torch.manual_seed(0)
+    model = perturb_(UNet(**dict(TINY, dropout=0.0)))
+    x, t = image_batch(TINY), torch.rand(2)
+    expected = model(x, t)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        out = model(x, t)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    # bf16 keeps 8 bits of mantissa: a relative error of a few 1e-3 per layer, a few 1e-2 at the end.
+    assert (out.float() - expected).norm() / expected.norm() < 5e-2

@@ -1,0 +1,136 @@
+"""Evaluating a trained model: likelihood estimators, per-example loops over test data, summaries with
+standard errors, and a distance between samples and data.
+
+An estimator is a callable x (B, ...) -> (B,): an estimate of log p(x) in nats, x in the space the SDE
+runs in. Two kinds:
+  * the ELBO, a lower bound, by name (``ELBO_ESTIMATORS`` maps each command-line name to the
+    PluginReverseSDE method), optionally averaged over independent draws per example (``repeated_mean``);
+  * the exact likelihood along the probability-flow ODE (``ODELikelihood``), which records the NFE.
+
+Images (DESIGN.md section 5): integer pixels k -> x = (k + u) / 256 -> (z, log|dz/dx|) -> per-example
+bits/dim (``batch_bits_per_dim``), the same path for training-time evaluation and for evaluate.py.
+"""
+import torch
+
+from lib.image_data import dequantize
+from lib.likelihood import bits_per_dim, mean_and_stderr, ode_log_likelihood
+from lib.training import derived_seed
+
+# Command-line name -> PluginReverseSDE method; each returns a per-example ELBO (B,) in nats.
+ELBO_ESTIMATORS = {"elbo": "elbo", "random_t_slice": "elbo_random_t_slice"}
+
+
+def elbo_estimator(gen_sde, name="elbo", repeats=1):
+    """The ELBO estimator `name` of gen_sde as a callable x (B, ...) -> (B,), averaging `repeats` draws."""
+    if name not in ELBO_ESTIMATORS:
+        raise ValueError(f"unknown ELBO estimator {name!r}; allowed: {', '.join(ELBO_ESTIMATORS)}")
+    method = getattr(gen_sde, ELBO_ESTIMATORS[name])
+    if repeats == 1:
+        return method
+    return lambda x: repeated_mean(method, x, repeats)
+
+
+def repeated_mean(estimate, x, repeats, chunk=50_000):
+    """The mean of `repeats` independent estimates per example, (B,).
+
+    x (B, ...) is tiled to (repeats * B, ...) (example i at rows i, i + B, ...) so that one call of
+    `estimate` serves many repeats; at most `chunk` rows go into one call.
+    """
+    B = x.shape[0]
+    flat = x.repeat(repeats, *([1] * (x.dim() - 1)))
+    parts = [estimate(flat[i:i + chunk]) for i in range(0, flat.shape[0], chunk)]
+    return torch.cat(parts).view(repeats, B).mean(0)
+
+
+class ODELikelihood:
+    """x (B, ...) -> log p(x) (B,) along the probability-flow ODE (lib.likelihood.ode_log_likelihood).
+
+    vtype=None: exact divergence (low dimension); 'rademacher' / 'gaussian': one Hutchinson probe per
+    example and solve, drawn from `generator` (on x's device). Appends each solve's NFE to `.nfe`.
+    """
+
+    def __init__(self, gen_sde, rtol=1e-5, atol=1e-5, method="dopri5", vtype=None, generator=None):
+        self.gen_sde, self.rtol, self.atol, self.method = gen_sde, rtol, atol, method
+        self.vtype, self.generator = vtype, generator
+        self.nfe = []
+
+    def __call__(self, x):
+        log_p, nfe = ode_log_likelihood(self.gen_sde, x, rtol=self.rtol, atol=self.atol, method=self.method,
+                                        vtype=self.vtype, generator=self.generator)
+        self.nfe.append(nfe)
+        return log_p
+
+
+@torch.no_grad()
+def batch_bits_per_dim(log_likelihood, k, to_model_space, num_dims, generator=None):
+    """Bits/dim of each 8-bit image in a batch, (B,) float64.
+
+    k: integer pixels (B, C, H, W) on the model's device. x = (k + u) / 256 with u drawn from
+    `generator` (on k's device); to_model_space(x) -> (z, log|dz/dx| (B,)) is the run's transform
+    (lib.image_task.to_model_space); log_likelihood(z) -> (B,) nats. num_dims = C * H * W.
+        bpd = -(log_likelihood(z) + log|dz/dx|) / (D ln 2) + 8.
+    """
+    z, logdet = to_model_space(dequantize(k, generator=generator))
+    return bits_per_dim(log_likelihood(z), num_dims, logdet).double()
+
+
+def test_set_bits_per_dim(log_likelihood, loader, to_model_space, num_dims, device, seed=0):
+    """Per-example bits/dim over a test loader of (k, label) batches: (N,) float64 on the CPU.
+
+    Batch j draws its dequantisation noise from a generator seeded by (seed, j, 1) and reseeds torch's
+    global RNG (the ELBO's times, noise and probes) from (seed, j, 0), so each batch's values do not
+    depend on the batches before it.
+    """
+    parts = []
+    for j, (k, _) in enumerate(loader):
+        torch.manual_seed(derived_seed(seed, j, 0))
+        g = torch.Generator(device=device).manual_seed(derived_seed(seed, j, 1))
+        parts.append(batch_bits_per_dim(log_likelihood, k.to(device), to_model_space, num_dims, g).cpu())
+    if not parts:
+        raise ValueError("the test loader yielded no images")
+    return torch.cat(parts)
+
+
+test_set_bits_per_dim.__test__ = False  # not a test: keeps pytest from collecting it where a test imports it
+
+
+def summarize(name, values, reference=None):
+    """{name: mean, name_std_err: std / sqrt(N)} of per-example values (N,); with `reference` (N,), e.g.
+    the true log-likelihood of the same examples, also the paired gap values - reference
+    ({name}_gap, {name}_gap_std_err), whose standard error is small when the two move together."""
+    values = values.double().cpu()
+    mean, se = mean_and_stderr(values)
+    out = {name: mean, f"{name}_std_err": se}
+    if reference is not None:
+        gap, gap_se = mean_and_stderr(values - reference.double().cpu())
+        out.update({f"{name}_gap": gap, f"{name}_gap_std_err": gap_se})
+    return out
+
+
+def sliced_wasserstein(x, y, num_projections=256, generator=None, p=2):
+    """Sliced p-Wasserstein distance between the empirical distributions of x (N, D) and y (M, D), 0-d tensor.
+
+    SW_p = (E_theta W_p^p(theta . x, theta . y))^(1/p), theta uniform on the unit sphere, averaged over
+    `num_projections` directions drawn from `generator` (a CPU generator; fix its seed for a
+    reproducible metric). The 1-D distances are exact: W_p^p = int_0^1 |F^-1(u) - G^-1(u)|^p du
+    with both quantile functions piecewise constant, integrated over the union of their breakpoints,
+    so N and M may differ. Computed in float64 on x's device.
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"expected point sets (N, D) and (M, D), got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        raise ValueError("sliced_wasserstein needs at least one point in each set")
+    n, m = x.shape[0], y.shape[0]
+    theta = torch.randn(x.shape[1], num_projections, generator=generator, dtype=torch.float64)
+    theta = (theta / theta.norm(dim=0)).to(x.device)  # (D, L), unit columns
+    px = torch.sort(x.double() @ theta, dim=0).values  # (N, L), sorted: the quantile function's values
+    py = torch.sort(y.to(x.device).double() @ theta, dim=0).values  # (M, L)
+    # k / n is correctly rounded, so breakpoints shared by both grids (1/2 = 2/4) coincide exactly.
+    u = torch.unique(torch.cat([torch.arange(1, n + 1, dtype=torch.float64) / n,
+                                torch.arange(1, m + 1, dtype=torch.float64) / m])).to(x.device)  # (K,), ends at 1
+    widths = torch.diff(u, prepend=u.new_zeros(1))
+    mid = u - widths / 2
+    ix = (mid * n).long().clamp(max=n - 1)
+    iy = (mid * m).long().clamp(max=m - 1)
+    cost = ((px[ix] - py[iy]).abs().pow(p) * widths[:, None]).sum(0)  # (L,) W_p^p per direction
+    return cost.mean().pow(1.0 / p)
