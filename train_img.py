@@ -17,6 +17,7 @@ folder; --batch_size stays the global batch, split across the processes):
 """
 from lib.config import (ArgumentParser, add_training_args, multiple_of, nonnegative_int, positive_int, str2bool,
                         unit_interval)
+from lib.evaluation import ELBO_ESTIMATORS
 from lib.training import run
 
 DEFAULTS = dict(expname="img", num_iterations=100_000, batch_size=64, lr=1e-4, ema_decay=0.9999, debias=False,
@@ -31,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--test_batch_size", type=positive_int, default=256)
     p.add_argument("--num_eval", type=positive_int, default=None,
                    help="evaluate bits/dim on the first N test images only (default: the whole test set)")
+    p.add_argument("--elbo_estimator", choices=tuple(ELBO_ESTIMATORS), default="elbo",
+                   help="bits/dim from PluginReverseSDE.elbo (low variance) or sdeflow-light's random_t_slice")
     p.add_argument("--real", type=str2bool, default=True, help="True: model logit(alpha + (1 - 2 alpha) x)")
     p.add_argument("--lmbd", type=unit_interval, default=0.0, help="λ of the sampler for the sample grids")
     p.add_argument("--num_samples", type=positive_int, default=64, help="images per sample grid")

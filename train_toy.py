@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--width", type=positive_int, default=256, help="hidden units of the drift MLP")
     p.add_argument("--depth", type=positive_int, default=3, help="hidden blocks of the drift MLP")
     p.add_argument("--num_eval", type=positive_int, default=2_000, help="held-out points")
-    p.add_argument("--elbo_repeats", type=positive_int, default=64, help="ELBO slices averaged per held-out point")
+    p.add_argument("--elbo_repeats", type=positive_int, default=64,
+                   help="ELBO draws (PluginReverseSDE.elbo) averaged per held-out point")
     p.add_argument("--num_samples", type=positive_int, default=2_000, help="points per λ in the figures")
     return p.parse_args(argv)
 

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from lib.config import ConfigError, device_name, positive_int, resolve_device  # noqa: E402
 from lib.image_data import INFO  # noqa: E402
 from lib.image_task import UNET  # noqa: E402
 
@@ -34,6 +35,23 @@ def unet_kwargs(dataset):
 
 def image_shape(dataset):
     return tuple(INFO[dataset].shape)  # (C, H, W)
+
+
+def add_machine_args(parser):
+    """--device, --threads and --seed, which every speed benchmark takes."""
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def machine(args, parser):
+    """Apply --threads and return the torch.device of --device (a one-line error if it is unavailable)."""
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return resolve_device(args.device)
+    except ConfigError as err:
+        parser.error(str(err))
 
 
 def command_line():

@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from measure import (DATASETS, PeakMemory, command_line, describe, image_shape, mib, synchronize, timed,  # noqa: E402
-                     unet_kwargs)
+from measure import (DATASETS, PeakMemory, add_machine_args, command_line, describe, image_shape,  # noqa: E402
+                     machine, mib, synchronize, timed, unet_kwargs)
 
-from lib.config import ArgumentParser, ConfigError, device_name, nonnegative_int, positive_int, resolve_device  # noqa: E402,E501
+from lib.config import ArgumentParser, nonnegative_int, positive_int  # noqa: E402
 from lib.models.unet import UNet  # noqa: E402
 from lib.samplers import sample_lambda  # noqa: E402
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE  # noqa: E402
@@ -113,16 +113,9 @@ def main():
     p.add_argument("--steps", type=positive_int, default=3, help="timed calls per figure (median)")
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls before timing")
     p.add_argument("--sampler_steps", type=positive_int, default=4, help="sample_lambda steps in the timed call")
-    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    add_machine_args(p)
     args = p.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except ConfigError as err:
-        p.error(str(err))
+    device = machine(args, p)
 
     print(command_line())
     print(describe(device))

@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from first_landed import REVISION, FirstLandedUnavailable, load_first_landed_unet_module  # noqa: E402
-from measure import DATASETS, command_line, describe, image_shape, timed, unet_kwargs  # noqa: E402
+from measure import DATASETS, add_machine_args, command_line, describe, machine, image_shape, timed, unet_kwargs  # noqa: E402
 
-from lib.config import ArgumentParser, ConfigError, device_name, nonnegative_int, positive_int, resolve_device  # noqa: E402,E501
+from lib.config import ArgumentParser, nonnegative_int  # noqa: E402
 from lib.models.unet import UNet  # noqa: E402
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE  # noqa: E402
 
@@ -151,16 +151,9 @@ def main():
     p.add_argument("--cases", type=case, nargs="+", default=[case(c) for c in DEFAULT_CASES],
                    help=f"dataset:batch:rounds, timed in this order (default: {' '.join(DEFAULT_CASES)})")
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps of each network before timing")
-    p.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
+    add_machine_args(p)
     args = p.parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except ConfigError as err:
-        p.error(str(err))
+    device = machine(args, p)
 
     try:
         first_landed_unet = load_first_landed_unet_module().UNet

@@ -12,6 +12,7 @@ bits/dim (``batch_bits_per_dim``), the same path for training-time evaluation an
 """
 import torch
 
+from lib.distributed import gather_in_order
 from lib.image_data import dequantize
 from lib.likelihood import bits_per_dim, mean_and_stderr, ode_log_likelihood
 from lib.training import derived_seed
@@ -74,21 +75,25 @@ def batch_bits_per_dim(log_likelihood, k, to_model_space, num_dims, generator=No
     return bits_per_dim(log_likelihood(z), num_dims, logdet).double()
 
 
-def test_set_bits_per_dim(log_likelihood, loader, to_model_space, num_dims, device, seed=0):
-    """Per-example bits/dim over a test loader of (k, label) batches: (N,) float64 on the CPU.
+def test_set_bits_per_dim(log_likelihood, loader, to_model_space, num_dims, device, seed=(0,), rank=0,
+                          world_size=1):
+    """Per-example bits/dim over this rank's test batches, gathered from every rank: (N,) float64 on the CPU.
 
-    Batch j draws its dequantisation noise from a generator seeded by (seed, j, 1) and reseeds torch's
-    global RNG (the ELBO's times, noise and probes) from (seed, j, 0), so each batch's values do not
-    depend on the batches before it.
+    loader: lib.image_data.test_loader for (rank, world_size), yielding (k, label) batches; its i-th
+    batch is global batch j = rank + i * world_size. Batch j draws its dequantisation noise from a
+    generator seeded by (*seed, j, 1) and reseeds torch's global RNG (the ELBO's times, noise and probes)
+    from (*seed, j, 0), so every example gets the same value whatever the number of ranks and whatever
+    batches come before it. seed: a tuple of non-negative integers (e.g. (seed, stream, iteration)).
     """
     parts = []
-    for j, (k, _) in enumerate(loader):
-        torch.manual_seed(derived_seed(seed, j, 0))
-        g = torch.Generator(device=device).manual_seed(derived_seed(seed, j, 1))
-        parts.append(batch_bits_per_dim(log_likelihood, k.to(device), to_model_space, num_dims, g).cpu())
-    if not parts:
+    for i, (k, _) in enumerate(loader):
+        j = rank + i * world_size
+        torch.manual_seed(derived_seed(*seed, j, 0))
+        g = torch.Generator(device=device).manual_seed(derived_seed(*seed, j, 1))
+        parts.append((j, batch_bits_per_dim(log_likelihood, k.to(device), to_model_space, num_dims, g)))
+    if world_size == 1 and not parts:
         raise ValueError("the test loader yielded no images")
-    return torch.cat(parts)
+    return gather_in_order(parts, world_size)
 
 
 test_set_bits_per_dim.__test__ = False  # not a test: keeps pytest from collecting it where a test imports it

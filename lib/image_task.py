@@ -3,17 +3,21 @@
 Data path (DESIGN.md section 5): integer pixels k -> x = (k + u) / 256 -> with --real=True,
 z = logit(alpha + (1 - 2 alpha) x) and its log-determinant. The SDE runs on z (or on x), and
 
-    bpd = -(ELBO(z) + log|dz/dx|) / (D ln 2) + 8.
+    bpd = -(ELBO(z) + log|dz/dx|) / (D ln 2) + 8,
+
+with the ELBO from PluginReverseSDE.elbo (default) or sdeflow-light's elbo_random_t_slice
+(--elbo_estimator=random_t_slice): both unbiased, the first with far less variance (benchmarks/elbo_variance.py).
 """
 import math
+from functools import partial
 
 import torch
 from torchvision.utils import make_grid
 
 from lib.config import ConfigError
-from lib.distributed import gather_in_order
+from lib.evaluation import elbo_estimator, test_set_bits_per_dim
 from lib.image_data import dequantize, load_image_datasets, random_hflip, test_loader, train_loader
-from lib.likelihood import bits_per_dim, logit_transform, mean_and_stderr
+from lib.likelihood import logit_transform, mean_and_stderr
 from lib.samplers import sample_lambda
 from lib.training import EVALUATION, TRAINING_DATA, Task, derived_seed
 
@@ -68,23 +72,15 @@ def make_image_task(args, rank=0, world_size=1):
 
     @torch.no_grad()
     def evaluate(gen_sde, iteration):
-        """Bits/dim mean and standard error over the test examples, each counted once across ranks.
-
-        Each global test batch draws its dequantisation and ELBO noise from (seed, iteration, batch
-        index), so every example gets the same value for any number of ranks. Reseeds torch's
-        global RNG (the training loop calls this on a forked RNG).
-        """
+        """Bits/dim mean and standard error over the test examples, each counted once across ranks, with the
+        --elbo_estimator; noise seeded per (seed, iteration, global test batch) (lib.evaluation)."""
         device = next(gen_sde.parameters()).device
         loader = test_loader(test_set, args.test_batch_size, num_workers=args.num_workers,
                              test_subset=args.num_eval, rank=rank, world_size=world_size)
-        parts = []
-        for i, (k, _) in enumerate(loader):
-            j = rank + i * world_size  # the global batch index (see test_loader)
-            torch.manual_seed(derived_seed(args.seed, EVALUATION, iteration, j, 0))  # the ELBO's t, noise, probes
-            g = torch.Generator(device=device).manual_seed(derived_seed(args.seed, EVALUATION, iteration, j, 1))
-            z, logdet = to_model_space(dequantize(k.to(device), generator=g), args.real)
-            parts.append((j, bits_per_dim(gen_sde.elbo_random_t_slice(z), info.dim, logdet).double()))
-        mean, se = mean_and_stderr(gather_in_order(parts, world_size))
+        bpd = test_set_bits_per_dim(elbo_estimator(gen_sde, args.elbo_estimator), loader,
+                                    partial(to_model_space, real=args.real), info.dim, device,
+                                    seed=(args.seed, EVALUATION, iteration), rank=rank, world_size=world_size)
+        mean, se = mean_and_stderr(bpd)
         return {"bpd": mean, "bpd_std_err": se}
 
     def describe(iteration, loss, m):

@@ -122,5 +122,5 @@ def _images(run, opts, device, estimate):
         raise ConfigError(f"--num_eval={opts.num_eval} exceeds the {len(test_set)} test images in {dataroot}")
     batch = opts.test_batch_size or run.args.get("test_batch_size", 256)
     loader = test_loader(test_set, batch, test_subset=opts.num_eval)
-    bpd = test_set_bits_per_dim(estimate, loader, run.to_model_space, info.dim, device, seed=opts.seed)
+    bpd = test_set_bits_per_dim(estimate, loader, run.to_model_space, info.dim, device, seed=(opts.seed,))
     return {"unit": "bits/dim", "dataset": dataset, "num_images": bpd.numel(), **summarize("bpd", bpd)}

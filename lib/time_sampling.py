@@ -10,7 +10,6 @@ Two members of the family:
     flat below it. Training DSM with s ~ q (unweighted) is, up to a constant,
     training with the ELBO's likelihood weighting.
 """
-import math
 
 import torch
 

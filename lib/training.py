@@ -49,7 +49,7 @@ from lib.sdes import PluginReverseSDE, VariancePreservingSDE
 RESUMABLE_ARGS = {
     "num_iterations", "print_every", "sample_every", "checkpoint_every", "device", "num_workers",
     "test_batch_size", "num_eval", "lambdas", "num_steps", "lmbd", "num_samples", "saveroot", "expname",
-    "dataroot", "amp", "compile",
+    "dataroot", "amp", "compile", "elbo_estimator", "elbo_repeats",
 }
 
 # Tags that keep the random streams derived from one --seed apart.

@@ -78,13 +78,12 @@ def test_rerun_resumes_and_continues_the_iteration_count(image_run):
     assert log.splitlines()[-1].startswith("Iteration 4 ")
 
 
+@pytest.mark.parametrize("image_run", ["cifar"], indirect=True)
 def test_the_resumed_run_ends_in_the_state_of_an_uninterrupted_run(image_run):
     """Data order, dequantisation noise, flips, loss noise, EMA and Adam all continue exactly. Checked on
     CIFAR-10, whose path is MNIST's plus the random flips (the kill tests in test_reliability.py cover
     the shared loop)."""
     dataset, root, run_dir = image_run
-    if dataset != "cifar":
-        pytest.skip("CIFAR-10's data path includes MNIST's")
     straight = run(dataset, root / "data", root / "straight", "--debias=True", "--num_iterations=4")
     resumed, reference = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True) for d in (run_dir, straight))
     assert resumed["iteration"] == reference["iteration"] == 4
