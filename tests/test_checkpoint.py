@@ -104,7 +104,7 @@ def test_foreign_and_code_carrying_files_are_refused(tmp_path):
             return (os.system, ("echo owned",))
 
     evil = tmp_path / "evil.pt"
-    evil.write_bytes(pickle.dumps({"format": "sdeflow-checkpoint", "payload": RunsCode()}))
+    evil.write_bytes(pickle.dumps({"format": "sdeflow-checkpoint", "payload": RunsCode()}, protocol=2))
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
         load_checkpoint(str(evil))
 
