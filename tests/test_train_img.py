@@ -184,3 +184,16 @@ def test_compile_trains_the_compiled_network_and_saves_the_original_one(mnist_ro
             torch.testing.assert_close(state[part][name], w, rtol=1e-5, atol=1e-7)
     for a, r in zip(metrics_of(run_dir), metrics_of(float32_run)):
         assert a["loss"] == pytest.approx(r["loss"], rel=1e-6) and a["bpd"] == pytest.approx(r["bpd"], rel=1e-6)
+
+
+@pytest.mark.parametrize("estimator, method", [("elbo", "elbo"), ("random_t_slice", "elbo_random_t_slice")])
+def test_bits_per_dim_come_from_the_chosen_elbo_estimator(mnist_root, monkeypatch, estimator, method):
+    """Replace the chosen estimator by the log-density of the uniform distribution on [0, 1)^D, which is 0:
+    without the logit transform, bpd = -0 / (D ln 2) + 8 is exactly 8 for every image."""
+    from lib.sdes import PluginReverseSDE
+
+    monkeypatch.setattr(PluginReverseSDE, method, lambda self, x: torch.zeros(x.shape[0], dtype=x.dtype))
+    run_dir = run("mnist", mnist_root / "data", mnist_root / f"estimator_{estimator}", "--num_iterations=1",
+                  "--real=False", f"--elbo_estimator={estimator}")
+    (m,) = metrics_of(run_dir)
+    assert m["bpd"] == 8.0 and m["bpd_std_err"] == 0.0
