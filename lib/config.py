@@ -135,6 +135,22 @@ def add_training_args(parser, defaults):
     return parser
 
 
+def resolve_choice_options(opts, choice, table):
+    """Options that only some values of one flag take (e.g. --rtol only with --method=ode), in place.
+
+    table: {option: (the values of --choice that take it, its default)}. An option left None gets its default
+    where it applies and stays None elsewhere; one given where it does not apply is a ConfigError, since
+    silently ignoring it would mislabel the results.
+    """
+    value = getattr(opts, choice)
+    for name, (takers, default) in table.items():
+        if getattr(opts, name) is None:
+            setattr(opts, name, default if value in takers else None)
+        elif value not in takers:
+            raise ConfigError(f"--{name} applies to --{choice}={' or '.join(takers)}, not --{choice}={value}")
+    return opts
+
+
 def check_writable_dir(path, flag="--saveroot"):
     """Create `path` if needed and prove it is writable, or raise ConfigError naming the flag."""
     try:

@@ -17,7 +17,7 @@ import json
 
 import torch
 
-from lib.config import ConfigError
+from lib.config import ConfigError, resolve_choice_options
 from lib.evaluation import ODELikelihood, elbo_estimator, summarize, test_set_bits_per_dim
 from lib.image_data import load_image_datasets, test_loader
 from lib.swiss_roll import sample_swiss_roll, swiss_roll_log_density
@@ -25,24 +25,19 @@ from lib.toy_task import HELD_OUT_SEED
 
 METHODS = ("elbo", "ode")
 DIVERGENCES = ("exact", "rademacher", "gaussian")
-# Options that only one method takes: (the method, its default; None: decided by the kind of run).
+# Options that only one method takes: ((the method,), its default; None: decided by the kind of run).
 METHOD_OPTIONS = {
-    "estimator": ("elbo", "elbo"),
-    "elbo_repeats": ("elbo", None),
-    "divergence": ("ode", None),
-    "rtol": ("ode", 1e-5),
-    "atol": ("ode", 1e-5),
+    "estimator": (("elbo",), "elbo"),
+    "elbo_repeats": (("elbo",), None),
+    "divergence": (("ode",), None),
+    "rtol": (("ode",), 1e-5),
+    "atol": (("ode",), 1e-5),
 }
 
 
 def resolve_options(opts, run):
     """Fill in the defaults of the options left None, in place; ConfigError for one that does not apply."""
-    for name, (method, default) in METHOD_OPTIONS.items():
-        value = getattr(opts, name)
-        if value is None:
-            setattr(opts, name, default if opts.method == method else None)
-        elif opts.method != method:
-            raise ConfigError(f"--{name} applies to --method={method}, not --method={opts.method}")
+    resolve_choice_options(opts, "method", METHOD_OPTIONS)
     toy = run.kind == "toy"
     if opts.method == "elbo" and opts.elbo_repeats is None:
         # The toy's held-out ELBO averages many cheap slices per point, as its training log does.

@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt
 import torch
 from torchvision.utils import save_image
 
-from lib.config import ConfigError
+from lib.config import ConfigError, resolve_choice_options
 from lib.evaluation import sliced_wasserstein
 from lib.plotting import samples_figure  # switches matplotlib to the Agg backend (no display needed)
 from lib.samplers import PREDICTORS, sample_lambda, sample_ode, sample_pc
@@ -51,13 +51,7 @@ def resolve_options(opts):
     other than the natural one for pc (0) and ode (1): silently ignoring them would mislabel the results.
     """
     sampler = opts.sampler
-    for name, (samplers, default) in SAMPLER_OPTIONS.items():
-        value = getattr(opts, name)
-        if value is None:
-            setattr(opts, name, default if sampler in samplers else None)
-        elif sampler not in samplers:
-            hint = "; the ODE solver is adaptive: set --rtol/--atol instead" if name == "num_steps" else ""
-            raise ConfigError(f"--{name} applies to --sampler={' or '.join(samplers)}, not --sampler={sampler}{hint}")
+    resolve_choice_options(opts, "sampler", SAMPLER_OPTIONS)
     natural = DEFAULT_LAMBDAS[sampler]
     if opts.lmbd is None:
         opts.lmbd = list(natural)
