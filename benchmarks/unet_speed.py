@@ -1,28 +1,38 @@
 """Training-step speed of the DDPM U-Net against the U-Net as first landed (git a62c2f1), A/B interleaved.
 
-    python benchmarks/unet_speed.py [--cases mnist:64:7 mnist:16:7 cifar:16:3 cifar:64:2] [--warmup 1]
+    python benchmarks/unet_speed.py [--cases mnist:64:9 mnist:16:9 cifar:16:5 cifar:64:3] [--warmup 1]
         [--device auto] [--threads N] [--seed 0]
 
 A case is dataset:batch:rounds, the datasets' U-Nets those of lib/image_task.py (MNIST: ch 32, 1.5M
 parameters; CIFAR-10: DDPM's 35.7M). A step is what lib/training.py runs: forward, backward and Adam on
 PluginReverseSDE(VP SDE, unet, T=1).dsm(x).mean() (its gradient-norm guard and EMA update left out).
+Three networks are timed: the first-landed one, the current one, and the current one converted to
+channels_last memory format (train_img.py --channels_last=True).
 
 The first-landed file is read from git history at run time (`git show a62c2f1:lib/models/unet.py`, by
 tests/first_landed.py, which the equivalence test shares), so no copy of it lives in the tree. Both
 networks get the same weights through load_state_dict(strict=True) (so the state-dict keys must agree),
 perturbed first so that the zero-initialised output layers hide nothing; before any timing the script
 checks on 8 examples that their eval-mode outputs, and the loss and gradients of one DSM step on the
-same noise, agree to float tolerance (it exits with status 1 if not).
+same noise, agree to float tolerance (it exits with status 1 if not); the channels_last network takes that
+step in eval mode, since it draws its dropout masks in another memory order.
 
 On a CPU shared with other jobs, set OMP_WAIT_POLICY=PASSIVE (see benchmarks/measure.py) or use
 --threads 1, whose CPU seconds per step hardly depend on the load.
 
-Timing: after `--warmup` steps of each, the two are stepped alternately, A B, B A, A B, ... for `rounds`
-rounds, so load from other processes on a shared machine falls on both alike. Printed: the median
-wall-clock ms per step and images/s of each, the speedup (ratio of the medians) and the median of the
-per-round ratios, and the median CPU seconds per step (steadier than the wall clock under load when
-one thread runs). CIFAR-10 at batch 64 takes seconds per step on a 2-core CPU, hence its few rounds.
+Timing: after `--warmup` steps of each, the three are stepped in turn, A B C, B C A, C A B, ... for
+`rounds` rounds, so load from other processes on a shared machine falls on all alike. Printed: the
+median wall-clock ms per step and images/s of each, its speedup over the first-landed one (ratio of the
+medians) and the median of the per-round ratios, and the median CPU seconds per step (steadier than the
+wall clock under load when one thread runs). CIFAR-10 at batch 64 takes seconds per step on a 2-core CPU,
+hence its few rounds.
+
+Convolution floor (CPU): the current U-Net's step is profiled in both memory formats (NCHW and
+channels_last, the one oneDNN runs without reordering) and the time spent inside convolution operators,
+forward and backward, is printed. No fp32 rewrite that keeps these convolutions can step faster than
+that, so first-landed ms / floor ms bounds the speedup any such rewrite can reach.
 """
+import copy
 import argparse
 import os
 import statistics
@@ -43,7 +53,7 @@ from lib.sdes import PluginReverseSDE, VariancePreservingSDE  # noqa: E402
 
 OUTPUT_RTOL = 1e-4  # max |difference| / max |output|: float32 rounding through ~50 layers is ~1e-6
 GRAD_RTOL = 1e-4  # |difference| / |gradient|, Euclidean norms over all parameters
-DEFAULT_CASES = ("mnist:64:7", "mnist:16:7", "cifar:16:3", "cifar:64:2")
+DEFAULT_CASES = ("mnist:64:9", "mnist:16:9", "cifar:16:5", "cifar:64:3")
 
 
 def case(text):
@@ -74,8 +84,12 @@ def twin_networks(first_landed_unet, dataset, device, seed):
     return old.to(device), new.to(device)
 
 
-def check_agreement(old, new, x, seed):
-    """Eval outputs and one DSM step's loss and gradients agree; returns printable figures."""
+def check_agreement(old, new, x, seed, dropout=True):
+    """Eval outputs and one DSM step's loss and gradients agree; returns printable figures.
+
+    dropout=False takes that step in eval mode: a channels_last network draws its dropout masks in its
+    own memory order, so the same seed gives it other (equally valid) masks.
+    """
     t = torch.rand(x.shape[0], device=x.device)
     with torch.no_grad():
         out_old, out_new = old.eval()(x, t), new.eval()(x, t)
@@ -83,7 +97,7 @@ def check_agreement(old, new, x, seed):
 
     losses, grads = [], []
     for net in (old, new):
-        net.train().zero_grad(set_to_none=True)
+        net.train(dropout).zero_grad(set_to_none=True)
         torch.manual_seed(seed)  # the same s, noise and dropout masks for both
         loss = PluginReverseSDE(VariancePreservingSDE(), net, 1.0).dsm(x).mean()
         loss.backward()
@@ -114,17 +128,45 @@ def training_step(net, x):
     return step
 
 
+def convolution_ms(net, x, steps=2):
+    """CPU milliseconds per training step spent inside convolution operators (forward and backward)."""
+    step = training_step(net, x)
+    step()  # warm-up: oneDNN builds its kernels on first use
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    # Self times, so that nested calls (conv2d -> convolution -> mkldnn_convolution) count once.
+    us = sum(e.self_cpu_time_total for e in prof.key_averages() if "conv" in e.key.lower())
+    return us / 1e3 / steps
+
+
+def print_convolution_floor(net, x, first_landed_ms):
+    """Print the step's convolution time in both memory formats and the speedup bound it implies."""
+    floor = {"NCHW": convolution_ms(net, x)}
+    cl = torch.channels_last
+    floor["channels_last"] = convolution_ms(copy.deepcopy(net).to(memory_format=cl), x.to(memory_format=cl))
+    best = min(floor.values())
+    print("  convolutions alone (profiled, now): "
+          + ", ".join(f"{name} {ms:.1f} ms/step" for name, ms in floor.items())
+          + f"; a 1.5x step would take {first_landed_ms / 1.5:.1f} ms, so keeping these convolutions "
+            f"bounds the speedup at {first_landed_ms / best:.2f}x")
+
+
 def run_case(first_landed_unet, dataset, batch, rounds, args, device):
     old, new = twin_networks(first_landed_unet, dataset, device, args.seed)
+    new_cl = copy.deepcopy(new).to(memory_format=torch.channels_last)
     n_old, n_new = (sum(p.numel() for p in m.parameters()) for m in (old, new))
     x = torch.rand(batch, *image_shape(dataset), device=device)  # dequantised images live in [0, 1)
-    ok, agreement = check_agreement(old, new, x[:8], args.seed)  # a few examples suffice, and save time
-    print(f"{dataset} batch {batch}: {n_new / 1e6:.2f}M parameters (first landed {n_old / 1e6:.2f}M); {agreement}")
-    if not ok or n_old != n_new:
-        sys.exit(f"unet_speed.py: error: the current U-Net does not reproduce the first-landed one for {dataset} "
-                 f"(tolerances: outputs and loss {OUTPUT_RTOL:g}, gradients {GRAD_RTOL:g})")
+    for name, net, dropout in (("now", new, True), ("now, channels_last", new_cl, False)):
+        ok, agreement = check_agreement(old, net, x[:8], args.seed, dropout)  # a few examples suffice
+        print(f"{dataset} batch {batch}, {name}: {n_new / 1e6:.2f}M parameters (first landed {n_old / 1e6:.2f}M); "
+              f"{agreement}")
+        if not ok or n_old != n_new:
+            sys.exit(f"unet_speed.py: error: the current U-Net ({name}) does not reproduce the first-landed one "
+                     f"for {dataset} (tolerances: outputs and loss {OUTPUT_RTOL:g}, gradients {GRAD_RTOL:g})")
 
-    steps = {"first landed": training_step(old, x), "now": training_step(new, x)}
+    steps = {"first landed": training_step(old, x), "now": training_step(new, x),
+             "now, channels_last": training_step(new_cl, x)}
     for step in steps.values():
         for _ in range(args.warmup):
             step()
@@ -132,18 +174,21 @@ def run_case(first_landed_unet, dataset, batch, rounds, args, device):
     cpu = {name: [] for name in steps}
     names = list(steps)
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
             w, c = timed(steps[name], device)
             wall[name].append(w)
             cpu[name].append(c)
     med = {name: statistics.median(v) for name, v in wall.items()}
-    paired = statistics.median(a / b for a, b in zip(wall["first landed"], wall["now"]))
+    base = "first landed"
     for name in names:
-        print(f"  {name:12s} {1e3 * med[name]:8.1f} ms/step  {batch / med[name]:7.1f} images/s  "
-              f"CPU {statistics.median(cpu[name]):6.2f} s/step   rounds (ms): "
-              + " ".join(f"{1e3 * v:.0f}" for v in wall[name]))
-    print(f"  speedup {med['first landed'] / med['now']:.2f}x (ratio of medians), {paired:.2f}x (median of "
-          f"per-round ratios), CPU time {statistics.median(cpu['first landed']) / statistics.median(cpu['now']):.2f}x")
+        line = (f"  {name:18s} {1e3 * med[name]:8.1f} ms/step  {batch / med[name]:7.1f} images/s  "
+                f"CPU {statistics.median(cpu[name]):6.2f} s/step")
+        if name != base:
+            paired = statistics.median(a / b for a, b in zip(wall[base], wall[name]))
+            line += f"  speedup {med[base] / med[name]:.2f}x (per-round median {paired:.2f}x)"
+        print(line + "   rounds (ms): " + " ".join(f"{1e3 * v:.0f}" for v in wall[name]))
+    if device.type == "cpu":
+        print_convolution_floor(new, x, 1e3 * med[base])
 
 
 def main():

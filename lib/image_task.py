@@ -96,5 +96,6 @@ def make_image_task(args, rank=0, world_size=1):
 
     return Task(kind="img", model=model, sde=sde, batches=batches, evaluate=evaluate, describe=describe,
                 sample=sample, extra={"dataset": args.dataset, "real": args.real, "logit_alpha": LOGIT_ALPHA,
-                                      "shape": list(info.shape)})
+                                      "shape": list(info.shape)},
+                channels_last=args.channels_last)
 

@@ -49,7 +49,7 @@ from lib.sdes import PluginReverseSDE, VariancePreservingSDE
 RESUMABLE_ARGS = {
     "num_iterations", "print_every", "sample_every", "checkpoint_every", "device", "num_workers",
     "test_batch_size", "num_eval", "lambdas", "num_steps", "lmbd", "num_samples", "saveroot", "expname",
-    "dataroot", "amp", "compile", "elbo_estimator", "elbo_repeats",
+    "dataroot", "amp", "compile", "channels_last", "elbo_estimator", "elbo_repeats",
 }
 
 # Tags that keep the random streams derived from one --seed apart.
@@ -76,6 +76,7 @@ class Task:
                the logger writes on rank 0 only)
     finish:    finish(gen_sde, logger) -> None, after the last iteration (optional)
     extra:     plain-type metadata stored in the checkpoint (e.g. image shape, logit transform)
+    channels_last: keep the network's weights, and so its activations, in channels_last memory format
     """
 
     kind: str
@@ -87,6 +88,7 @@ class Task:
     sample: object
     finish: object = None
     extra: dict = field(default_factory=dict)
+    channels_last: bool = False
 
 
 def run(args, make_task, user_errors=()):
@@ -246,6 +248,8 @@ def train(args, task, logger, ctx=None):
     seed_everything(args.seed)  # the same initial weights on every rank
     sde = VariancePreservingSDE(**task.sde)
     drift = build_drift(task.model["name"], task.model["kwargs"]).to(device)
+    if task.channels_last:
+        drift.to(memory_format=torch.channels_last)  # before the EMA copy and Adam, which inherit the layout
     ema = EMA(drift, args.ema_decay)
     ema_gen_sde = PluginReverseSDE(sde, ema.shadow, args.T0, vtype=args.vtype, debias=args.debias).eval()
     optimizer = torch.optim.Adam(drift.parameters(), lr=args.lr)

@@ -171,7 +171,8 @@ TOY_ONLY = [("--lambdas=0,1.5", "--lambdas"), ("--lambdas=-0.5", "--lambdas"), (
             ("--width=0", "--width"), ("--noise=0", "--noise"), ("--num_eval=0", "--num_eval")]
 IMG_ONLY = [("--dataset=imagenet", "--dataset"), ("--real=yes", "--real"), ("--lmbd=1.01", "--lmbd"),
             ("--lmbd=-0.1", "--lmbd"), ("--test_batch_size=0", "--test_batch_size"), ("--num_eval=0", "--num_eval"),
-            ("--ch=48", "--ch"), ("--num_workers=-1", "--num_workers"), ("--num_samples=0", "--num_samples")]
+            ("--ch=48", "--ch"), ("--num_workers=-1", "--num_workers"), ("--num_samples=0", "--num_samples"),
+            ("--channels_last=yes", "--channels_last")]
 CASES = ([("toy", a, f) for a, f in BAD_ARGUMENTS + TOY_ONLY] + [("img", a, f) for a, f in BAD_ARGUMENTS + IMG_ONLY])
 
 

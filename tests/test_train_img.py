@@ -115,7 +115,7 @@ def test_missing_data_is_one_line_naming_the_folder_and_files(tmp_path, capsys, 
     assert str(tmp_path / "empty" / "cifar10") in err and "data_batch_1" in err
 
 
-# --- --amp and --compile (GPU options, one training step checked on the CPU) ---------------------
+# --- --amp, --compile and --channels_last (one training step checked on the CPU) -----------------
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,37 @@ def test_compile_trains_the_compiled_network_and_saves_the_original_one(mnist_ro
             torch.testing.assert_close(state[part][name], w, rtol=1e-5, atol=1e-7)
     for a, r in zip(metrics_of(run_dir), metrics_of(float32_run)):
         assert a["loss"] == pytest.approx(r["loss"], rel=1e-6) and a["bpd"] == pytest.approx(r["bpd"], rel=1e-6)
+
+
+def test_channels_last_runs_every_convolution_in_that_layout_and_learns_the_same(mnist_root, float32_run,
+                                                                                monkeypatch):
+    import lib.training
+
+    layouts, build = [], lib.training.build_drift
+
+    def build_with_hooks(name, kwargs):
+        drift = build(name, kwargs)
+        for m in drift.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(lambda mod, inputs, out: layouts.append(
+                    (mod.training, inputs[0].is_contiguous(memory_format=torch.channels_last),
+                     out.is_contiguous(memory_format=torch.channels_last))))
+        return drift
+
+    monkeypatch.setattr(lib.training, "build_drift", build_with_hooks)
+    run_dir = run("mnist", mnist_root / "data", mnist_root / "channels_last", "--num_iterations=2",
+                  "--sample_every=100", "--channels_last=True")
+    # Inputs too: no layer hands a contiguous tensor on, which would cost a reorder at the next conv.
+    assert {training for training, _, _ in layouts} == {True, False}  # the training step and the EMA's evaluation
+    assert all(inp and out for _, inp, out in layouts)
+    # The same arithmetic up to the order of float32 sums (MNIST's U-Net has no dropout to draw differently).
+    for a, r in zip(metrics_of(run_dir), metrics_of(float32_run), strict=True):
+        assert a["loss"] == pytest.approx(r["loss"], rel=1e-5) and a["bpd"] == pytest.approx(r["bpd"], rel=1e-5)
+    gen_sde = load_model(os.path.join(run_dir, "checkpoint.pt"))  # into a contiguous network, as sample.py does
+    ref = load_model(os.path.join(float32_run, "checkpoint.pt"))
+    x, s = torch.rand(2, 1, 28, 28), torch.full((2,), 0.5)
+    with torch.no_grad():
+        torch.testing.assert_close(gen_sde.a(x, s), ref.a(x, s), rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("estimator, method", [("elbo", "elbo"), ("random_t_slice", "elbo_random_t_slice")])

@@ -1,11 +1,13 @@
 """The DDPM U-Net: shapes, zero start, DDPM's parameter count, time resolved on [0, 1], argument checks,
-and its faster forward (fused upsampling, in-place sums) equal to the plain computation and to the U-Net
-as first landed."""
+and its faster forward (fused upsampling, in-place sums, channels_last) equal to the plain computation and
+to the U-Net as first landed."""
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
 from first_landed import FirstLandedUnavailable, load_first_landed_unet_module
@@ -228,6 +230,28 @@ def test_channels_last_input_gives_the_contiguous_output():
         expected = model(x, t)
         got = model(x.contiguous(memory_format=torch.channels_last), t)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_channels_last_network_keeps_every_activation_channels_last_and_computes_the_same():
+    torch.manual_seed(0)
+    cfg = dict(CIFAR_SMALL, ch_mult=(1, 2), input_height=16, attn_resolutions=(8,), dropout=0.0)
+    model = perturb_(UNet(**cfg)).double()
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    layouts = []
+    for m in cl_model.modules():
+        if isinstance(m, (nn.Conv2d, nn.GroupNorm)):
+            m.register_forward_hook(lambda mod, inputs, out: layouts.append(
+                inputs[0].is_contiguous(memory_format=torch.channels_last)))
+    x, t = image_batch(cfg, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    outs = []
+    for net in (model, cl_model):
+        out = net(x, t)
+        out.square().sum().backward()
+        outs.append(out)
+    assert outs[1].is_contiguous(memory_format=torch.channels_last) and len(layouts) > 30 and all(layouts[1:])
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-10, atol=1e-12)
+    for p, q in zip(cl_model.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-8, atol=1e-12)
 
 
 # A small configuration with every kind of layer: attention at 8, a 1x1-conv shortcut, both resamplings.

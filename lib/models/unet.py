@@ -8,12 +8,14 @@ With ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,) this
 CIFAR-10 model. The last layer of every residual branch and the output conv start at zero, so the network
 is the zero function at initialisation (as in DDPM).
 
-Speed (benchmarks/unet_speed.py): convolutions are ~85% of a training step and oneDNN already runs them
-near the CPU's peak, so what is left is fewer multiply-adds and fewer temporaries. The upsampling conv
-runs as an equivalent stride-2 transposed conv (Upsample: 16 instead of 36 multiply-adds per input
-pixel and channel pair, no 4x larger intermediate), and the time shift and residual sums are added into
-the conv outputs in place. Parameters, state-dict keys and outputs (to float rounding) are those of the
-plain formulation.
+Speed (benchmarks/unet_speed.py): convolutions take 65-75% of a float32 training step on a CPU, so
+what is left is fewer multiply-adds and fewer temporaries. The upsampling conv runs as an equivalent
+stride-2 transposed conv (Upsample: 16 instead of 36 multiply-adds per input pixel and channel pair, no
+4x larger intermediate), and the time shift and residual sums are added into the conv outputs in place.
+Parameters, state-dict keys and outputs (to float rounding) are those of the plain formulation. Every
+layer keeps a channels_last input channels_last (the attention's reshapes included), so
+`model.to(memory_format=torch.channels_last)` runs the whole network in that layout, which oneDNN's
+convolutions use without reordering (train_img.py --channels_last).
 """
 import math
 
