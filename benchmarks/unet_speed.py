@@ -32,13 +32,17 @@ channels_last, the one oneDNN runs without reordering) and the time spent inside
 forward and backward, is printed. No fp32 rewrite that keeps these convolutions can step faster than
 that, so first-landed ms / floor ms bounds the speedup any such rewrite can reach.
 """
-import copy
 import argparse
+import copy
 import os
 import statistics
 import sys
 
-import torch
+# The profiler behind the convolution floor otherwise prints its start/stop events and a failed GPU
+# probe to stderr; read before torch loads.
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")
+
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
