@@ -125,8 +125,8 @@ def mnist_root(tmp_path_factory):
     return root
 
 
-def record_conv_dtypes(monkeypatch):
-    """[(module.training, output dtype)] of every convolution the run evaluates (the EMA copy keeps the hooks)."""
+def record_convs(monkeypatch, what):
+    """[what(conv, its input, its output)] for every convolution the run evaluates (the EMA copy keeps the hooks)."""
     import lib.training
 
     seen, build = [], lib.training.build_drift
@@ -135,7 +135,7 @@ def record_conv_dtypes(monkeypatch):
         drift = build(name, kwargs)
         for m in drift.modules():
             if isinstance(m, torch.nn.Conv2d):
-                m.register_forward_hook(lambda mod, inputs, out: seen.append((mod.training, out.dtype)))
+                m.register_forward_hook(lambda mod, inputs, out: seen.append(what(mod, inputs[0], out)))
         return drift
 
     monkeypatch.setattr(lib.training, "build_drift", build_with_hooks)
@@ -149,7 +149,7 @@ def float32_run(mnist_root):
 
 def test_amp_trains_the_convolutions_in_bf16_and_keeps_weights_and_evaluation_float32(mnist_root, float32_run,
                                                                                       monkeypatch):
-    seen = record_conv_dtypes(monkeypatch)
+    seen = record_convs(monkeypatch, lambda conv, x, out: (conv.training, out.dtype))
     run_dir = run("mnist", mnist_root / "data", mnist_root / "amp", "--num_iterations=2", "--sample_every=100",
                   "--amp=True")
     assert {dtype for training, dtype in seen if training} == {torch.bfloat16}  # the training forward
@@ -188,20 +188,9 @@ def test_compile_trains_the_compiled_network_and_saves_the_original_one(mnist_ro
 
 def test_channels_last_runs_every_convolution_in_that_layout_and_learns_the_same(mnist_root, float32_run,
                                                                                 monkeypatch):
-    import lib.training
-
-    layouts, build = [], lib.training.build_drift
-
-    def build_with_hooks(name, kwargs):
-        drift = build(name, kwargs)
-        for m in drift.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.register_forward_hook(lambda mod, inputs, out: layouts.append(
-                    (mod.training, inputs[0].is_contiguous(memory_format=torch.channels_last),
-                     out.is_contiguous(memory_format=torch.channels_last))))
-        return drift
-
-    monkeypatch.setattr(lib.training, "build_drift", build_with_hooks)
+    cl = torch.channels_last
+    layouts = record_convs(monkeypatch, lambda conv, x, out: (conv.training, x.is_contiguous(memory_format=cl),
+                                                               out.is_contiguous(memory_format=cl)))
     run_dir = run("mnist", mnist_root / "data", mnist_root / "channels_last", "--num_iterations=2",
                   "--sample_every=100", "--channels_last=True")
     # Inputs too: no layer hands a contiguous tensor on, which would cost a reorder at the next conv.
