@@ -1,6 +1,7 @@
 """train_img.py end to end on tiny MNIST / CIFAR-10 files in torchvision's own formats, read by its own classes."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -204,6 +205,32 @@ def test_channels_last_runs_every_convolution_in_that_layout_and_learns_the_same
     x, s = torch.rand(2, 1, 28, 28), torch.full((2,), 0.5)
     with torch.no_grad():
         torch.testing.assert_close(gen_sde.a(x, s), ref.a(x, s), rtol=1e-3, atol=1e-5)
+
+
+def test_a_run_resumes_in_the_other_memory_format(mnist_root, float32_run):
+    """The checkpoint's weights and Adam moments are contiguous; resumed in channels_last, iteration 3
+    is the iteration 3 of a contiguous resume, up to the order of float32 sums."""
+    resumed, adam = {}, {}
+    for layout in ("False", "True"):
+        saveroot = mnist_root / f"resumed_channels_last_{layout}"
+        shutil.copytree(float32_run, saveroot / "run")
+        run_dir = run("mnist", mnist_root / "data", saveroot, "--num_iterations=3", "--sample_every=100",
+                      f"--channels_last={layout}")
+        resumed[layout] = metrics_of(run_dir)[-1]
+        adam[layout] = torch.load(os.path.join(run_dir, "checkpoint.pt"), weights_only=True)["optimizer_state"]
+    assert resumed["True"]["iteration"] == resumed["False"]["iteration"] == 3
+    assert resumed["True"]["loss"] == pytest.approx(resumed["False"]["loss"], rel=1e-5)
+    assert resumed["True"]["bpd"] == pytest.approx(resumed["False"]["bpd"], rel=1e-5)
+    # Adam's moments carried on through the change of layout (3 steps' worth, not 1). Compared per tensor
+    # against its largest entry, plus 1e-6 of the largest over all tensors: the gradients of the time
+    # shifts that a one-channel-per-group GroupNorm erases are rounding noise around an exact zero.
+    got, want = adam["True"]["state"], adam["False"]["state"]
+    assert got.keys() == want.keys() and all(got[i]["step"] == want[i]["step"] == 3 for i in want)
+    for key in ("exp_avg", "exp_avg_sq"):
+        scale = max(w[key].abs().max() for w in want.values())
+        for i in want:
+            err = (got[i][key] - want[i][key]).abs().max()
+            assert err <= 1e-3 * want[i][key].abs().max() + 1e-6 * scale, (i, key)
 
 
 @pytest.mark.parametrize("estimator, method", [("elbo", "elbo"), ("random_t_slice", "elbo_random_t_slice")])
