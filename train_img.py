@@ -48,9 +48,9 @@ def parse_args(argv=None):
 
 def main(argv=None):
     from lib.image_data import DatasetNotFoundError
-    from lib.image_task import make_image_task
+    from lib.image_task import ImageTask
 
-    run(parse_args(argv), make_image_task, user_errors=(DatasetNotFoundError,))
+    run(parse_args(argv), ImageTask, user_errors=(DatasetNotFoundError,))
 
 
 if __name__ == "__main__":

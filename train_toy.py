@@ -20,8 +20,8 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__.splitlines()[0])
     add_training_args(p, DEFAULTS)
     p.add_argument("--noise", type=positive_float, default=0.5, help="swiss roll noise (before the /10 scaling)")
-    p.add_argument("--lambdas", type=lambda_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
-                   help="comma-separated λ in [0, 1] to sample with, e.g. 0,0.5,1")
+    p.add_argument("--lmbd", type=lambda_list, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                   help="comma-separated λ in [0, 1] of the sample figures, e.g. 0,0.5,1")
     p.add_argument("--width", type=positive_int, default=256, help="hidden units of the drift MLP")
     p.add_argument("--depth", type=positive_int, default=3, help="hidden blocks of the drift MLP")
     p.add_argument("--num_eval", type=positive_int, default=2_000, help="held-out points")
@@ -32,9 +32,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from lib.toy_task import make_toy_task  # after parsing: --help and bad flags answer at once
+    from lib.toy_task import ToyTask  # after parsing: --help and bad flags answer at once
 
-    run(parse_args(argv), make_toy_task)
+    run(parse_args(argv), ToyTask)
 
 
 if __name__ == "__main__":

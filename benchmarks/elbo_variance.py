@@ -23,7 +23,7 @@ with each other and with the oracle. The slice's estimates are heavy-tailed (rar
 dominate), so its sample variance is skewed and usually falls short of the true one: the printed ratios
 are conservative. The last section times both estimators with a U-Net drift (lib/models/unet.py, MNIST
 widths, on --shape), where the network's cost dominates as in real use. The defaults take about 1.5
-minutes on 2 CPU cores.
+minutes on 2 CPU cores. The figures also go to benchmarks/results/elbo_variance.json (--json PATH).
 """
 import argparse
 import math
@@ -33,12 +33,13 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from report import add_json_arg, write_json  # noqa: E402
 
 from lib.models.unet import UNet  # noqa: E402
+from lib.oracles import IsotropicGaussianMixture  # noqa: E402
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE, as_batch_time, batch_view  # noqa: E402
-from oracles import IsotropicGaussianMixture  # noqa: E402
 
 
 ESTIMATORS = ("elbo_random_t_slice", "elbo")
@@ -89,7 +90,7 @@ def oracle_elbo(mixture, x, T, n_mc, generator):
 
 
 def bits_per_dim(log_p, dim):
-    """-log p / (D ln 2) + 8: x lives on [0, 1] at 8-bit resolution (DESIGN.md section 5)."""
+    """-log p / (D ln 2) + 8: x lives on [0, 1] at 8-bit resolution (docs/math.md section 5)."""
     return -log_p / (dim * math.log(2)) + 8
 
 
@@ -153,6 +154,7 @@ def main():
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    add_json_arg(p, "elbo_variance")
     args = p.parse_args()
     for name in ("components", "examples", "repeats", "chunk", "time_batch", "time_rounds", "unet_rounds", "mc",
                  "threads"):
@@ -185,6 +187,8 @@ def main():
     oracle, oracle_se = oracle_elbo(exact, x, sde.T, args.mc, gen.manual_seed(args.seed + 1))
     print(f"oracle E[ELBO] of the exact drift: {bits_per_dim(oracle.mean().item(), D):.4f} bits/dim "
           f"(mean over the points; prior-mismatch Monte Carlo s.e. {oracle_se.max().item():.3f} nats)")
+    figures = {"dimension": D, "oracle_elbo_bits_per_dim": bits_per_dim(oracle.mean().item(), D),
+               "oracle_max_stderr_nats": oracle_se.max().item(), "drifts": {}}
 
     gens = {name: PluginReverseSDE(sde, drift, sde.T).eval() for name, drift in drifts.items()}
     estimators = {(name, k): getattr(g, k) for name, g in gens.items() for k in ESTIMATORS}
@@ -203,6 +207,7 @@ def main():
         if name != "exact":
             print("  (the oracle is the exact drift's expected ELBO: here mean - oracle is this drift's ELBO loss)")
         var, vt = {}, {}
+        fig = figures["drifts"][name] = {}
         for k in ESTIMATORS:
             e, t = est[name, k], secs[name, k]
             var[k], se, _ = variance_with_se(e)
@@ -211,6 +216,9 @@ def main():
             err_se = (e.var(0) / args.repeats + oracle_se ** 2).sum().sqrt().item() / args.examples
             print(f"  {k:20s} {var[k]:12.4g} +- {se:9.3g} {t * 1e6:10.1f} us {vt[k]:11.4g}  "
                   f"{err.mean().item():+10.1f} +- {err_se:7.1f}")
+            fig[k] = {"variance_nats2": var[k], "variance_stderr": se, "seconds_per_example": t,
+                      "variance_x_time": vt[k], "mean_minus_oracle_nats": err.mean().item(),
+                      "mean_minus_oracle_stderr": err_se}
         new, old = est[name, "elbo"], est[name, "elbo_random_t_slice"]
         diff = (new.mean(0) - old.mean(0)).mean().item()
         diff_se = ((new.var(0) + old.var(0)) / args.repeats).sum().sqrt().item() / args.examples
@@ -220,12 +228,15 @@ def main():
               f"variance x time ratio {vt['elbo_random_t_slice'] / vt['elbo']:.1f}x (target >= 5)")
         print(f"  means: elbo - elbo_random_t_slice = {diff:+.1f} +- {diff_se:.1f} nats (z = {diff / diff_se:+.2f}); "
               f"ELBO {bits_per_dim(new.mean().item(), D):.4f} bits/dim")
+        fig.update(variance_ratio=summary[name], time_ratio=secs[name, "elbo_random_t_slice"] / secs[name, "elbo"],
+                   variance_x_time_ratio=vt["elbo_random_t_slice"] / vt["elbo"], elbo_minus_slice_nats=diff,
+                   elbo_minus_slice_stderr=diff_se, elbo_bits_per_dim=bits_per_dim(new.mean().item(), D))
 
-    if args.unet_batch:
-        C, H, W = args.shape
-        if H != W:
-            print("\nU-Net timing skipped: the U-Net needs square images")
-            return
+    figures["unet"] = None
+    C, H, W = args.shape
+    if args.unet_batch and H != W:
+        print("\nU-Net timing skipped: the U-Net needs square images")
+    elif args.unet_batch:
         unet = UNet(C, H, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,)).to(device, dtype).eval()
         gen_sde = PluginReverseSDE(sde, unet, sde.T).eval()
         xt = x.repeat(math.ceil(args.unet_batch / args.examples), 1, 1, 1)[:args.unet_batch]
@@ -238,6 +249,10 @@ def main():
         for name, var_ratio in summary.items():
             print(f"  with the {name} drift's variance ratio {var_ratio:.1f}x: variance x time ratio "
                   f"{var_ratio * t_ratio:.1f}x")
+        figures["unet"] = {"parameters": sum(p.numel() for p in unet.parameters()), "batch": args.unet_batch,
+                           "seconds_per_example": secs, "time_ratio": t_ratio,
+                           "variance_x_time_ratio": {name: r * t_ratio for name, r in summary.items()}}
+    write_json("elbo_variance", figures, args, device)
 
 
 if __name__ == "__main__":

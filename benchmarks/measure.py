@@ -1,5 +1,6 @@
 """Helpers shared by the speed benchmarks (unet_speed.py, throughput.py): the machine and command
-line they report, the image U-Net configurations, wall/CPU timing and peak memory.
+line they report, the image U-Net configurations, wall/CPU timing and peak memory. The script that
+imports it puts the repository root on sys.path; the JSON record of a run is benchmarks/report.py's.
 
 Timing: wall-clock seconds (after a device synchronisation on CUDA) and the process's CPU seconds.
 On a CPU shared with other processes the wall clock also counts the time they take; with one thread
@@ -11,14 +12,10 @@ in the environment makes waiting threads sleep instead, which `describe` reports
 import ctypes
 import gc
 import os
-import platform
-import shlex
-import sys
 import time
 
 import torch
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from report import command_line, cpu_model  # noqa: F401 (command_line: the benchmarks import it from here)
 
 from lib.config import ConfigError, device_name, positive_int, resolve_device  # noqa: E402
 from lib.image_data import INFO  # noqa: E402
@@ -54,30 +51,15 @@ def machine(args, parser):
         parser.error(str(err))
 
 
-def command_line():
-    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
-
-
 def describe(device):
     """One line naming the machine: processor or GPU, torch version and CPU threads."""
     if device.type == "cuda":
         what = torch.cuda.get_device_name(device)
     else:
-        what = _cpu_model()
+        what = cpu_model()
     wait = os.environ.get("OMP_WAIT_POLICY", "unset")
     return (f"{what}; torch {torch.__version__}; {torch.get_num_threads()} CPU threads "
             f"(OMP_WAIT_POLICY {wait}); device {device}")
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or 'CPU'} ({os.cpu_count()} cores)"
 
 
 def synchronize(device):

@@ -1,7 +1,7 @@
 """Throughput and peak memory of the image U-Nets: training step, ELBO evaluation and sampling.
 
     python benchmarks/throughput.py [--datasets mnist cifar] [--batch_sizes 64 16] [--steps 3] [--warmup 1]
-        [--sampler_steps 4] [--device auto] [--threads N] [--seed 0]
+        [--sampler_steps 4] [--device auto] [--threads N] [--seed 0] [--json PATH]
 
 For each data set's U-Net (lib/image_task.py: MNIST ch 32, 1.5M parameters; CIFAR-10 DDPM's 35.7M) and
 batch size, on x uniform in [0, 1) (dequantised images):
@@ -17,7 +17,7 @@ takes seconds per call on a 2-core CPU, hence the few). Peak memory is the growt
 before the timed calls (the weights, and for training Adam's state and the warm-up's gradients, are
 already allocated): CUDA's max_memory_allocated, or on a CPU the growth of the peak resident set size
 (benchmarks/measure.py). On a CPU shared with other jobs, set OMP_WAIT_POLICY=PASSIVE or use --threads 1
-(benchmarks/measure.py says why).
+(benchmarks/measure.py says why). The figures also go to benchmarks/results/throughput.json (--json PATH).
 """
 import os
 import statistics
@@ -26,11 +26,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from measure import (DATASETS, PeakMemory, add_machine_args, command_line, describe, image_shape,  # noqa: E402
                      machine, mib, synchronize, timed, unet_kwargs)
+from report import add_json_arg, write_json  # noqa: E402
 
 from lib.config import ArgumentParser, nonnegative_int, positive_int  # noqa: E402
 from lib.models.unet import UNet  # noqa: E402
@@ -67,6 +67,7 @@ def train_step(gen_sde, optimizer, x, parts, device):
 
 
 def bench(dataset, batch, args, device):
+    """Print the data set's figures at this batch size and return them (times in seconds, memory in bytes)."""
     torch.manual_seed(args.seed)
     net = UNet(**unet_kwargs(dataset)).to(device)
     gen_sde = PluginReverseSDE(VariancePreservingSDE(), net, 1.0)
@@ -80,6 +81,9 @@ def bench(dataset, batch, args, device):
     f, b, o = (1e3 * statistics.median(p[i] for p in parts[args.warmup:]) for i in range(3))
     print(f"{label}  train                {1e3 * wall:9.1f} ms/step (forward {f:.0f}, backward {b:.0f}, "
           f"Adam {o:.0f})  {batch / wall:8.1f} images/s  CPU {cpu:6.2f} s/step  peak +{mib(peak)}", flush=True)
+    figures = {"dataset": dataset, "batch": batch, "parameters": sum(p.numel() for p in net.parameters()),
+               "train": {"wall_s_per_step": wall, "forward_s": f / 1e3, "backward_s": b / 1e3, "adam_s": o / 1e3,
+                         "images_per_s": batch / wall, "cpu_s_per_step": cpu, "peak_bytes": peak}}
     del optimizer
 
     gen_sde.eval()
@@ -94,6 +98,8 @@ def bench(dataset, batch, args, device):
         wall, cpu, peak = median_time(evaluate, args, device)
         print(f"{label}  {name:20s} {batch / wall:9.1f} images/s ({1e3 * wall:.0f} ms/batch)  "
               f"CPU {cpu:6.2f} s/batch  peak +{mib(peak)}", flush=True)
+        figures[name] = {"images_per_s": batch / wall, "wall_s_per_batch": wall, "cpu_s_per_batch": cpu,
+                         "peak_bytes": peak}
 
     # One call of --sampler_steps steps after a one-step warm-up: each step is a network call, so the
     # steps within the call already average (a CIFAR-10 batch of 64 takes seconds per step on a CPU).
@@ -104,6 +110,9 @@ def bench(dataset, batch, args, device):
     n = args.sampler_steps
     print(f"{label}  sampler              {n / wall:9.2f} steps/s ({1e3 * wall / n:.0f} ms/step, "
           f"{batch * n / wall:.1f} images x steps/s)  CPU {cpu / n:6.2f} s/step  peak +{mib(mem.peak)}", flush=True)
+    figures["sampler"] = {"steps": n, "steps_per_s": n / wall, "wall_s_per_step": wall / n,
+                          "images_x_steps_per_s": batch * n / wall, "cpu_s_per_step": cpu / n, "peak_bytes": mem.peak}
+    return figures
 
 
 def main():
@@ -114,6 +123,7 @@ def main():
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls before timing")
     p.add_argument("--sampler_steps", type=positive_int, default=4, help="sample_lambda steps in the timed call")
     add_machine_args(p)
+    add_json_arg(p, "throughput")
     args = p.parse_args()
     device = machine(args, p)
 
@@ -121,9 +131,8 @@ def main():
     print(describe(device))
     print(f"median of {args.steps} timed call(s) after {args.warmup} warm-up call(s); peak memory: growth above "
           "what was allocated before the timed calls")
-    for dataset in args.datasets:
-        for batch in args.batch_sizes:
-            bench(dataset, batch, args, device)
+    cases = [bench(dataset, batch, args, device) for dataset in args.datasets for batch in args.batch_sizes]
+    write_json("throughput", {"cases": cases}, args, device)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The swiss-roll target: how long the default `python train_toy.py` takes, and how close it gets to the truth.
 
-    python benchmarks/toy_target.py [--saveroot DIR] [--repeats 400] [-- train_toy.py flags ...]
+    python benchmarks/toy_target.py [--saveroot DIR] [--repeats 400] [--json PATH] [-- train_toy.py flags ...]
 
 Runs train_toy.py (its defaults, or the flags after `--`) in a fresh run folder and times it, then
 measures the trained (EMA) model on the run's held-out set more precisely than the run's own log can:
@@ -15,6 +15,7 @@ measures the trained (EMA) model on the run's held-out set more precisely than t
   * the exact (probability-flow ODE) log-likelihood gap, as the run reported it.
 
 Target (issue 3): wall time <= 5 minutes on a 2-core CPU, ELBO gap <= 0.03 nats, ODE gap as small or smaller.
+The figures also go to benchmarks/results/toy_target.json (--json PATH).
 """
 import argparse
 import json
@@ -25,14 +26,14 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from report import add_json_arg, write_json  # noqa: E402
 
 import train_toy  # noqa: E402
-from lib.checkpoint import load_model  # noqa: E402
-from lib.evaluation import repeated_mean  # noqa: E402
-from lib.likelihood import mean_and_stderr  # noqa: E402
-from lib.swiss_roll import diffused_swiss_roll_score, sample_swiss_roll, swiss_roll_log_density  # noqa: E402
-from lib.toy_task import HELD_OUT_SEED  # noqa: E402
+from lib.evaluation import mean_and_stderr, repeated_mean  # noqa: E402
+from lib.saved_run import open_run  # noqa: E402
+from lib.swiss_roll import diffused_swiss_roll_score  # noqa: E402
 
 
 @torch.no_grad()
@@ -65,6 +66,7 @@ def main():
     p.add_argument("--saveroot", default=None, help="where the run folder goes (default: a temporary folder)")
     p.add_argument("--repeats", type=int, default=400, help="ELBO passes over the held-out set")
     p.add_argument("--drift_repeats", type=int, default=20, help="passes for the exact gap")
+    add_json_arg(p, "toy_target")
     p.add_argument("train_toy_args", nargs="*", help="flags for train_toy.py (after --)")
     args = p.parse_args()
     saveroot = args.saveroot or tempfile.mkdtemp(prefix="toy_target_")
@@ -77,14 +79,12 @@ def main():
     wall, cpu = time.time() - wall0, time.process_time() - cpu0
 
     run_dir = os.path.join(saveroot, "toy_target")
-    with open(os.path.join(run_dir, "args.json")) as fh:
-        run_args = json.load(fh)
     with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
         final = [json.loads(line) for line in fh][-1]
-    gen_sde = load_model(os.path.join(run_dir, "checkpoint.pt"))
+    run = open_run(os.path.join(run_dir, "checkpoint.pt"), torch.device("cpu"))
+    gen_sde, run_args = run.gen_sde, vars(run.task.args)
     noise = run_args["noise"]
-    x = sample_swiss_roll(run_args["num_eval"], noise, torch.Generator().manual_seed(HELD_OUT_SEED))
-    true_logp = swiss_roll_log_density(x, noise)
+    x, true_logp = run.task.held_out(run_args["num_eval"])  # the run's own held-out set
 
     torch.manual_seed(0)
     with torch.no_grad():
@@ -104,6 +104,14 @@ def main():
                "ODE gap <= ELBO gap": -final["ode_gap"] <= exact + 2 * exact_se}
     for name, ok in targets.items():
         print(f"  {'met ' if ok else 'MISSED'}  {name}")
+    write_json("toy_target", {
+        "train_toy_command": "python train_toy.py " + " ".join(argv), "iterations": run_args["num_iterations"],
+        "wall_seconds": wall, "cpu_seconds": cpu, "held_out_points": x.shape[0],
+        "true_mean_log_likelihood_nats": true_logp.mean().item(),
+        "elbo_gap_direct_nats": direct, "elbo_gap_direct_stderr": direct_se, "elbo_gap_direct_passes": args.repeats,
+        "elbo_gap_exact_nats": exact, "elbo_gap_exact_stderr": exact_se, "elbo_gap_exact_by_s": by_s,
+        "ode_gap_nats": -final["ode_gap"], "ode_gap_stderr": final["ode_gap_std_err"], "ode_nfe": final["ode_nfe"],
+        "targets_met": targets}, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Training-step speed of the DDPM U-Net against the U-Net as first landed (git a62c2f1), A/B interleaved.
 
     python benchmarks/unet_speed.py [--cases mnist:64:9 mnist:16:9 cifar:16:5 cifar:64:3] [--warmup 1]
-        [--device auto] [--threads N] [--seed 0]
+        [--device auto] [--threads N] [--seed 0] [--json PATH]
 
 A case is dataset:batch:rounds, the datasets' U-Nets those of lib/image_task.py (MNIST: ch 32, 1.5M
 parameters; CIFAR-10: DDPM's 35.7M). A step is what lib/training.py runs: forward, backward and Adam on
@@ -9,10 +9,12 @@ PluginReverseSDE(VP SDE, unet, T=1).dsm(x).mean() (its gradient-norm guard and E
 Three networks are timed: the first-landed one, the current one, and the current one converted to
 channels_last memory format (train_img.py --channels_last=True).
 
-The first-landed file is read from git history at run time (`git show a62c2f1:lib/models/unet.py`, by
-tests/first_landed.py, which the equivalence test shares), so no copy of it lives in the tree. Both
-networks get the same weights through load_state_dict(strict=True) (so the state-dict keys must agree),
-perturbed first so that the zero-initialised output layers hide nothing; before any timing the script
+The first-landed file is read from git history at run time (`git show a62c2f1:lib/models/unet.py`), so
+no copy of it lives in the tree and the script needs a clone with its history: without one it stops with
+a one-line error (tests/test_unet.py checks the same equivalence against a golden fixture,
+tests/data/unet_first_landed.pt, and needs no history). Both networks get the same weights through
+load_state_dict(strict=True) (so the state-dict keys must agree), perturbed first so that the
+zero-initialised output layers hide nothing; before any timing the script
 checks on 8 examples that their eval-mode outputs, and the loss and gradients of one DSM step on the
 same noise, agree to float tolerance (it exits with status 1 if not); the channels_last network takes that
 step in eval mode, since it draws its dropout masks in another memory order.
@@ -31,12 +33,17 @@ Convolution floor (CPU): the current U-Net's step is profiled in both memory for
 channels_last, the one oneDNN runs without reordering) and the time spent inside convolution operators,
 forward and backward, is printed. No fp32 rewrite that keeps these convolutions can step faster than
 that, so first-landed ms / floor ms bounds the speedup any such rewrite can reach.
+
+The figures also go to benchmarks/results/unet_speed.json (--json PATH).
 """
 import argparse
 import copy
+import importlib.util
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 
 # The profiler behind the convolution floor otherwise prints its start/stop events and a failed GPU
 # probe to stderr; read before torch loads.
@@ -44,12 +51,12 @@ os.environ.setdefault("KINETO_LOG_LEVEL", "99")
 
 import torch  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, REPO)
 
-from first_landed import REVISION, FirstLandedUnavailable, load_first_landed_unet_module  # noqa: E402
-from measure import DATASETS, add_machine_args, command_line, describe, machine, image_shape, timed, unet_kwargs  # noqa: E402
+from measure import (DATASETS, add_machine_args, command_line, describe, image_shape, machine,  # noqa: E402
+                     timed, unet_kwargs)
+from report import add_json_arg, write_json  # noqa: E402
 
 from lib.config import ArgumentParser, nonnegative_int  # noqa: E402
 from lib.models.unet import UNet  # noqa: E402
@@ -58,6 +65,26 @@ from lib.sdes import PluginReverseSDE, VariancePreservingSDE  # noqa: E402
 OUTPUT_RTOL = 1e-4  # max |difference| / max |output|: float32 rounding through ~50 layers is ~1e-6
 GRAD_RTOL = 1e-4  # |difference| / |gradient|, Euclidean norms over all parameters
 DEFAULT_CASES = ("mnist:64:9", "mnist:16:9", "cifar:16:5", "cifar:64:3")
+REVISION = "a62c2f1:lib/models/unet.py"  # the U-Net as first landed
+
+
+def load_first_landed_unet():
+    """The first-landed U-Net class, from `git show REVISION`; exits with a one-line error without git history."""
+    try:
+        source = subprocess.run(["git", "-C", REPO, "show", REVISION], capture_output=True, text=True,
+                                check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as err:
+        lines = (getattr(err, "stderr", None) or str(err)).strip().splitlines()
+        sys.exit(f"unet_speed.py: error: cannot read the first-landed U-Net with `git show {REVISION}` "
+                 f"({lines[-1] if lines else 'no output'}); it needs a clone of the repository with its history")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "unet_first_landed.py")
+        with open(path, "w") as f:
+            f.write(source)
+        spec = importlib.util.spec_from_file_location("unet_first_landed", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module.UNet
 
 
 def case(text):
@@ -115,8 +142,9 @@ def check_agreement(old, new, x, seed, dropout=True):
     old.zero_grad(set_to_none=True)
     new.zero_grad(set_to_none=True)
     ok = out_err <= OUTPUT_RTOL and loss_err <= OUTPUT_RTOL and grad_err <= GRAD_RTOL
-    return ok, (f"outputs agree to {out_err:.1e} (relative max), DSM loss to {loss_err:.1e}, gradients to "
-                f"{grad_err:.1e} (relative norm)")
+    errors = {"output_rel_max": out_err, "dsm_loss_rel": loss_err, "gradient_rel_norm": grad_err}
+    return ok, errors, (f"outputs agree to {out_err:.1e} (relative max), DSM loss to {loss_err:.1e}, gradients to "
+                        f"{grad_err:.1e} (relative norm)")
 
 
 def training_step(net, x):
@@ -145,7 +173,7 @@ def convolution_ms(net, x, steps=2):
 
 
 def print_convolution_floor(net, x, first_landed_ms):
-    """Print the step's convolution time in both memory formats and the speedup bound it implies."""
+    """Print the step's convolution time in both memory formats and the speedup bound it implies; return them."""
     floor = {"NCHW": convolution_ms(net, x)}
     cl = torch.channels_last
     floor["channels_last"] = convolution_ms(copy.deepcopy(net).to(memory_format=cl), x.to(memory_format=cl))
@@ -154,15 +182,20 @@ def print_convolution_floor(net, x, first_landed_ms):
           + ", ".join(f"{name} {ms:.1f} ms/step" for name, ms in floor.items())
           + f"; a 1.5x step would take {first_landed_ms / 1.5:.1f} ms, so keeping these convolutions "
             f"bounds the speedup at {first_landed_ms / best:.2f}x")
+    return {"convolution_s_per_step": {name: ms / 1e3 for name, ms in floor.items()},
+            "speedup_bound": first_landed_ms / best}
 
 
 def run_case(first_landed_unet, dataset, batch, rounds, args, device):
+    """Check, time and print one case; return its figures (times in seconds)."""
     old, new = twin_networks(first_landed_unet, dataset, device, args.seed)
     new_cl = copy.deepcopy(new).to(memory_format=torch.channels_last)
     n_old, n_new = (sum(p.numel() for p in m.parameters()) for m in (old, new))
     x = torch.rand(batch, *image_shape(dataset), device=device)  # dequantised images live in [0, 1)
+    figures = {"dataset": dataset, "batch": batch, "rounds": rounds, "parameters": n_new,
+               "first_landed_parameters": n_old, "agreement": {}}
     for name, net, dropout in (("now", new, True), ("now, channels_last", new_cl, False)):
-        ok, agreement = check_agreement(old, net, x[:8], args.seed, dropout)  # a few examples suffice
+        ok, figures["agreement"][name], agreement = check_agreement(old, net, x[:8], args.seed, dropout)  # 8 suffice
         print(f"{dataset} batch {batch}, {name}: {n_new / 1e6:.2f}M parameters (first landed {n_old / 1e6:.2f}M); "
               f"{agreement}")
         if not ok or n_old != n_new:
@@ -184,15 +217,19 @@ def run_case(first_landed_unet, dataset, batch, rounds, args, device):
             cpu[name].append(c)
     med = {name: statistics.median(v) for name, v in wall.items()}
     base = "first landed"
+    figures["networks"] = {}
     for name in names:
+        fig = figures["networks"][name] = {"wall_s_per_step": med[name], "images_per_s": batch / med[name],
+                                           "cpu_s_per_step": statistics.median(cpu[name]), "rounds_wall_s": wall[name]}
         line = (f"  {name:18s} {1e3 * med[name]:8.1f} ms/step  {batch / med[name]:7.1f} images/s  "
                 f"CPU {statistics.median(cpu[name]):6.2f} s/step")
         if name != base:
             paired = statistics.median(a / b for a, b in zip(wall[base], wall[name]))
             line += f"  speedup {med[base] / med[name]:.2f}x (per-round median {paired:.2f}x)"
+            fig.update(speedup=med[base] / med[name], per_round_median_speedup=paired)
         print(line + "   rounds (ms): " + " ".join(f"{1e3 * v:.0f}" for v in wall[name]))
-    if device.type == "cpu":
-        print_convolution_floor(new, x, 1e3 * med[base])
+    figures["convolution_floor"] = print_convolution_floor(new, x, 1e3 * med[base]) if device.type == "cpu" else None
+    return figures
 
 
 def main():
@@ -201,20 +238,17 @@ def main():
                    help=f"dataset:batch:rounds, timed in this order (default: {' '.join(DEFAULT_CASES)})")
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps of each network before timing")
     add_machine_args(p)
+    add_json_arg(p, "unet_speed")
     args = p.parse_args()
     device = machine(args, p)
-
-    try:
-        first_landed_unet = load_first_landed_unet_module().UNet
-    except FirstLandedUnavailable as err:
-        sys.exit(f"unet_speed.py: error: {err}")
+    first_landed_unet = load_first_landed_unet()
 
     print(command_line())
     print(describe(device))
     print(f"first landed: git {REVISION}; now: lib/models/unet.py; one step = dsm(x).mean() forward, "
           f"backward, Adam; {args.warmup} warm-up step(s) each, then interleaved rounds")
-    for dataset, batch, rounds in args.cases:
-        run_case(first_landed_unet, dataset, batch, rounds, args, device)
+    cases = [run_case(first_landed_unet, dataset, batch, rounds, args, device) for dataset, batch, rounds in args.cases]
+    write_json("unet_speed", {"first_landed": REVISION, "cases": cases}, args, device)
 
 
 if __name__ == "__main__":

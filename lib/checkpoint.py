@@ -5,22 +5,31 @@ leaves the previous or the new checkpoint, never a torn one. Read with `weights_
 checkpoint cannot run code. A checkpoint is a dict:
 
     format, version      identify the file as ours
-    kind                 'toy' or 'img'
+    kind                 'toy' or 'img' (lib.task: the task rebuilt from `args` by task_from_checkpoint)
     args                 the run's command-line arguments (plain types)
     model                {'name': registered drift network, 'kwargs': its constructor arguments}
     sde                  VariancePreservingSDE keyword arguments
     gen_sde              {'T', 'vtype', 'debias'}
+    extra                task metadata (toy: noise; img: dataset, real, logit_alpha, shape)
     iteration            the last completed training iteration
-    model_state, ema_state, optimizer_state, ...   (training state; state dicts of the unwrapped
-                         network, so no 'module.' (DDP) or '_orig_mod.' (torch.compile) prefixes)
+    model_state, ema_state, optimizer_state   state dicts of the unwrapped network, so no 'module.'
+                         (DDP) or '_orig_mod.' (torch.compile) prefixes
+    running_loss         (sum, count) of the losses since the last log line
+    world_size           the number of processes that trained it
+
+Resuming (`read_for_resume`, `restore_training_state`): a checkpoint resumes only the run that wrote it,
+with the same task and the same arguments except those that change how long a run lasts, where it
+writes, how it computes or what it reports (lib.task.LOOP_RESUMABLE_ARGS and each task's own).
 """
 import os
 import tempfile
 
 import torch
 
+from lib.distributed import broadcast_from_main
 from lib.models import build_drift
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE
+from lib.task import LOOP_RESUMABLE_ARGS
 
 FORMAT = "sdeflow-checkpoint"
 VERSION = 1
@@ -102,6 +111,61 @@ def load_run(path, map_location="cpu"):
     weights = state.get("ema_state") or state["model_state"]
     gen_sde.a.load_state_dict(weights)  # strict: a mismatch is an error, never a silent partial load
     return gen_sde.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval(), state
+
+
+def read_for_resume(path, args, task, ctx):
+    """The run's checkpoint (None for a fresh run), read and checked by rank 0 and handed to every rank.
+
+    CheckpointError (on every rank) when it is unreadable or was written by another run.
+    """
+    state, message = None, None
+    if ctx.is_main and os.path.exists(path):
+        try:
+            state = load_checkpoint(path, map_location="cpu")
+            check_same_run(state, args, task, path)
+        except CheckpointError as err:
+            state, message = None, str(err)
+    state, message = broadcast_from_main(ctx, (state, message))
+    if message is not None:
+        raise CheckpointError(message)
+    return state
+
+
+def check_same_run(state, args, task, path):
+    """A checkpoint may only resume the run that wrote it: same task kind and same learning-relevant arguments.
+
+    task: has `kind` and `resumable_args` (lib.task.Task).
+    """
+    if state.get("kind") != task.kind:
+        raise CheckpointError(f"{path} was written by a {state.get('kind')} run, not {task.kind}; "
+                              "delete it or pick another --expname")
+    saved, now = state.get("args"), vars(args)
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} holds no run arguments; delete it or pick another --expname")
+    resumable = LOOP_RESUMABLE_ARGS | task.resumable_args
+    if now.get("lr_schedule") == "cosine":  # the cosine's horizon is --num_iterations: it is part of the schedule
+        resumable = resumable - {"num_iterations"}
+    for key in sorted(set(saved) | set(now)):
+        if key in resumable or saved.get(key) == now.get(key):
+            continue
+        raise CheckpointError(
+            f"{path} was written with --{key}={saved.get(key)}, this command has --{key}={now.get(key)}; "
+            "use the same arguments to resume, or pick another --expname"
+        )
+
+
+def restore_training_state(state, drift, ema, optimizer, path):
+    """Load the training state (strictly); returns (iteration, running loss sum, running loss count)."""
+    try:
+        drift.load_state_dict(state["model_state"])
+        ema.shadow.load_state_dict(state["ema_state"])
+        optimizer.load_state_dict(state["optimizer_state"])
+        loss_sum, loss_count = state.get("running_loss", (0.0, 0))  # absent from checkpoints before it was kept
+        return int(state["iteration"]), float(loss_sum), int(loss_count)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        reason = (str(err).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} does not fit this run ({type(err).__name__}: {reason}); "
+                              "delete it to start afresh or pick another --expname") from None
 
 
 def _fsync_dir(folder):

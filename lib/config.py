@@ -20,6 +20,17 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the description's layout and shows each flag's default (a None default is explained in the
+    flag's own help, since it means "decided by the run")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, argparse.SUPPRESS) and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 class ConfigError(Exception):
     """A configuration problem found after parsing (e.g. an unwritable --saveroot); its text is one line."""
 
@@ -42,6 +53,15 @@ def nonnegative_int(value):
     n = _parse(int, value, "an integer")
     if n < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {value}")
+    return n
+
+
+def seed_value(value):
+    """A seed in [0, 2^32): numpy's SeedSequence splits larger integers into 32-bit words, so a seed of 2^32 + 1
+    would share its draws with another run's (lib/rng.py)."""
+    n = _parse(int, value, "an integer")
+    if not 0 <= n < 2**32:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2^32), got {value}")
     return n
 
 
@@ -108,7 +128,7 @@ def add_training_args(parser, defaults):
     d = defaults
     parser.add_argument("--saveroot", default=d.get("saveroot", "runs"), help="folder holding the run folders")
     parser.add_argument("--expname", default=d["expname"], help="run folder name under --saveroot; rerun to resume")
-    parser.add_argument("--seed", type=nonnegative_int, default=0)
+    parser.add_argument("--seed", type=seed_value, default=0, help="every random draw derives from it (lib/rng.py)")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (CUDA when present), cpu, cuda[:N]")
     parser.add_argument("--num_iterations", type=positive_int, default=d["num_iterations"])
     parser.add_argument("--batch_size", type=positive_int, default=d["batch_size"],
@@ -133,22 +153,6 @@ def add_training_args(parser, defaults):
     parser.add_argument("--compile", type=str2bool, default=False,
                         help="True: torch.compile the network for training (GPUs; the first steps compile)")
     return parser
-
-
-def resolve_choice_options(opts, choice, table):
-    """Options that only some values of one flag take (e.g. --rtol only with --method=ode), in place.
-
-    table: {option: (the values of --choice that take it, its default)}. An option left None gets its default
-    where it applies and stays None elsewhere; one given where it does not apply is a ConfigError, since
-    silently ignoring it would mislabel the results.
-    """
-    value = getattr(opts, choice)
-    for name, (takers, default) in table.items():
-        if getattr(opts, name) is None:
-            setattr(opts, name, default if value in takers else None)
-        elif value not in takers:
-            raise ConfigError(f"--{name} applies to --{choice}={' or '.join(takers)}, not --{choice}={value}")
-    return opts
 
 
 def check_writable_dir(path, flag="--saveroot"):

@@ -7,15 +7,17 @@ runs in. Two kinds:
     PluginReverseSDE method), optionally averaged over independent draws per example (``repeated_mean``);
   * the exact likelihood along the probability-flow ODE (``ODELikelihood``), which records the NFE.
 
-Images (DESIGN.md section 5): integer pixels k -> x = (k + u) / 256 -> (z, log|dz/dx|) -> per-example
-bits/dim (``batch_bits_per_dim``), the same path for training-time evaluation and for evaluate.py.
+Images: per-example bits/dim over a (sharded) test set (``test_set_bits_per_dim``, through
+lib.pixels.batch_bits_per_dim), the same path for training-time evaluation and for evaluate.py.
 """
+import math
+
 import torch
 
 from lib.distributed import gather_in_order
-from lib.image_data import dequantize
-from lib.likelihood import bits_per_dim, mean_and_stderr, ode_log_likelihood
-from lib.training import derived_seed
+from lib.likelihood import ode_log_likelihood
+from lib.pixels import batch_bits_per_dim
+from lib.rng import derived_seed
 
 # Command-line name -> PluginReverseSDE method; each returns a per-example ELBO (B,) in nats.
 ELBO_ESTIMATORS = {"elbo": "elbo", "random_t_slice": "elbo_random_t_slice"}
@@ -62,25 +64,11 @@ class ODELikelihood:
         return log_p
 
 
-@torch.no_grad()
-def batch_bits_per_dim(log_likelihood, k, to_model_space, num_dims, generator=None):
-    """Bits/dim of each 8-bit image in a batch, (B,) float64.
-
-    k: integer pixels (B, C, H, W) on the model's device. x = (k + u) / 256 with u drawn from
-    `generator` (on k's device); to_model_space(x) -> (z, log|dz/dx| (B,)) is the run's transform
-    (lib.image_task.to_model_space); log_likelihood(z) -> (B,) nats. num_dims = C * H * W.
-        bpd = -(log_likelihood(z) + log|dz/dx|) / (D ln 2) + 8.
-    """
-    z, logdet = to_model_space(dequantize(k, generator=generator))
-    return bits_per_dim(log_likelihood(z), num_dims, logdet).double()
-
-
-def test_set_bits_per_dim(log_likelihood, loader, to_model_space, num_dims, device, seed=(0,), rank=0,
-                          world_size=1):
+def test_set_bits_per_dim(log_likelihood, loader, real, device, seed=(0,), rank=0, world_size=1):
     """Per-example bits/dim over this rank's test batches, gathered from every rank: (N,) float64 on the CPU.
 
     loader: lib.image_data.test_loader for (rank, world_size), yielding (k, label) batches; its i-th
-    batch is global batch j = rank + i * world_size. Batch j draws its dequantisation noise from a
+    batch is global batch j = rank + i * world_size. real: whether the model runs in logit space. Batch j draws its dequantisation noise from a
     generator seeded by (*seed, j, 1) and reseeds torch's global RNG (the ELBO's times, noise and probes)
     from (*seed, j, 0), so every example gets the same value whatever the number of ranks and whatever
     batches come before it. seed: a tuple of non-negative integers (e.g. (seed, stream, iteration)).
@@ -90,13 +78,32 @@ def test_set_bits_per_dim(log_likelihood, loader, to_model_space, num_dims, devi
         j = rank + i * world_size
         torch.manual_seed(derived_seed(*seed, j, 0))
         g = torch.Generator(device=device).manual_seed(derived_seed(*seed, j, 1))
-        parts.append((j, batch_bits_per_dim(log_likelihood, k.to(device), to_model_space, num_dims, g)))
+        parts.append((j, batch_bits_per_dim(log_likelihood, k.to(device), real, g)))
     if world_size == 1 and not parts:
         raise ValueError("the test loader yielded no images")
     return gather_in_order(parts, world_size)
 
 
 test_set_bits_per_dim.__test__ = False  # not a test: keeps pytest from collecting it where a test imports it
+
+
+def mean_and_stderr(values):
+    """Mean and standard error std / sqrt(N) (sample std, N - 1) as floats.
+
+    values: a tensor of any shape, or a sequence of tensors / numbers (e.g. per-batch results),
+    all pooled. One value gives a nan standard error.
+    """
+    if isinstance(values, torch.Tensor):
+        flat = values.reshape(-1)
+    else:
+        parts = [torch.as_tensor(v).reshape(-1) for v in values]
+        flat = torch.cat(parts) if parts else torch.empty(0)
+    flat = flat.detach().double()
+    n = flat.numel()
+    if n == 0:
+        raise ValueError("mean_and_stderr needs at least one value")
+    stderr = (flat.std() / math.sqrt(n)).item() if n > 1 else float("nan")
+    return flat.mean().item(), stderr
 
 
 def summarize(name, values, reference=None):

@@ -1,9 +1,8 @@
-"""8-bit image data sets (MNIST, CIFAR-10) as integer pixels, their dequantisation and loaders.
+"""8-bit image data sets (MNIST, CIFAR-10) as integer pixels, and their loaders.
 
 The data sets yield ``(k, label)`` with k a uint8 tensor (C, H, W) of the integer pixel values
 0..255 exactly as stored on disk (no division by 255). The continuous data the model sees is
-the dequantised ``x = (k + u) / 256``, u ~ U[0, 1) per pixel (DESIGN.md section 5), drawn on the
-batch by ``dequantize`` where the batch lives (GPU), with an explicit generator.
+the dequantised ``x = (k + u) / 256`` (lib/pixels.py), drawn on the batch where it lives (GPU).
 
 On-disk layouts are torchvision's own, read by torchvision's own classes:
   * MNIST:    <dataroot>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (or the .gz files)
@@ -33,6 +32,8 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from torchvision.datasets import CIFAR10, MNIST
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
+
+from lib.rng import Stream, generator
 
 
 class DatasetNotFoundError(Exception):
@@ -89,26 +90,6 @@ def pixel_transform():
     A new (stateless) object on every call, one per data set.
     """
     return v2.PILToTensor()
-
-
-def dequantize(k, generator=None, dtype=torch.float32):
-    """Uniform dequantisation of 8-bit pixels: x = (k + u) / 256, u ~ U[0, 1) per entry.
-
-    k: integer tensor with values in {0..255}, any shape, e.g. (B, C, H, W) -> x: same shape, ``dtype``,
-    on k's device, with k / 256 <= x < (k + 1) / 256. ``generator`` must live on k's device.
-    Floating-point input is refused: a [0, 1] image (k / 255) would be silently mis-scaled.
-    """
-    if k.dtype.is_floating_point or k.dtype.is_complex or k.dtype == torch.bool:
-        raise TypeError(f"dequantize expects integer pixel values 0..255 (e.g. uint8), got dtype {k.dtype}")
-    if k.dtype != torch.uint8 and k.numel() > 0 and (k.min() < 0 or k.max() > 255):
-        raise ValueError(f"dequantize expects pixel values in 0..255, got range [{k.min()}, {k.max()}]")
-    k = k.to(dtype)
-    u = torch.rand(k.shape, generator=generator, device=k.device, dtype=dtype)
-    x = (k + u) / 256
-    # In float32, k + u rounds up to k + 1 when u is within half an ulp(k) of 1 (ulp(255) = 2^-16):
-    # clamp to the last float below (k + 1) / 256 so the interval stays half-open.
-    upper = (k + 1) / 256
-    return torch.minimum(x, torch.nextafter(upper, torch.zeros_like(upper)))
 
 
 def train_loader(train_set, batch_size, seed=0, start_iteration=0, num_workers=0, rank=0, world_size=1,
@@ -185,7 +166,7 @@ class EpochShuffleSampler(Sampler):
             e, j = divmod(b, self.batches_per_epoch)
             if e != epoch:
                 epoch = e
-                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + e))
+                perm = torch.randperm(self.n, generator=generator(self.seed, Stream.EPOCH, e))
             batch = perm[j * self.batch_size:(j + 1) * self.batch_size]
             yield batch[self.rank::self.world_size].tolist()
             b += 1

@@ -1,38 +1,17 @@
-"""Exact log-likelihood by the probability-flow ODE, and bits per dimension for 8-bit images.
+"""Exact log-likelihood by the probability-flow ODE (docs/math.md section 4).
 
 Forward time s in [0, T] (s = 0: data, s = T: noise). The probability-flow ODE
     dy/ds = F(y, s) = f(y, s) - 1/2 g(s) a(y, s)
 moves p_0 onto p_s, and along it d log p_s(y_s) / ds = -div F(y_s, s) (instantaneous change of
 variables). Integrating from s = 0 to T and replacing p_T by the prior N(0, I):
     log p_0(x) = log N(y_T; 0, I) + int_0^T div F(y_s, s) ds,    y_0 = x.
-Integrating noise -> data instead flips the sign of the integral (DESIGN.md section 8: ~30 bpd).
+Integrating noise -> data instead flips the sign of the integral (docs/math.md section 8: ~30 bpd).
 """
-import math
-
 import torch
-from torchdiffeq import odeint
 
 from lib.hutchinson import check_vtype, divergence_estimate, sample_probe
+from lib.ode import check_ode_method, solve_to_end
 from lib.sdes import as_batch_time
-
-# Only adaptive solvers: a fixed-grid one given t = [0, T] would take a single step.
-ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
-
-
-def check_ode_method(method):
-    """Return method if it names an adaptive torchdiffeq solver, else raise ValueError listing them."""
-    if method not in ADAPTIVE_METHODS:
-        raise ValueError(f"unknown ODE method {method!r}; allowed (adaptive): {', '.join(ADAPTIVE_METHODS)}")
-    return method
-
-
-def land_on_end(t_span):
-    """torchdiffeq options making the last adaptive step end exactly at t_span[-1].
-
-    By default the adaptive solvers step past the final time and interpolate back, which would
-    evaluate the drift outside [0, T] (forward time s < 0, where the VP variance is negative).
-    """
-    return {"step_t": t_span[-1:]}
 
 
 def ode_log_likelihood(gen_sde, x, rtol=1e-5, atol=1e-5, method="dopri5", vtype=None, generator=None):
@@ -70,8 +49,7 @@ def ode_log_likelihood(gen_sde, x, rtol=1e-5, atol=1e-5, method="dopri5", vtype=
 
     state0 = (x.detach(), torch.zeros(x.shape[0], dtype=x.dtype, device=x.device))
     s_span = torch.tensor([0.0, float(gen_sde.T)], dtype=x.dtype, device=x.device)
-    solution = odeint(augmented_flow, state0, s_span, rtol=rtol, atol=atol, method=method, options=land_on_end(s_span))
-    y_T, int_div = (v[-1] for v in solution)
+    y_T, int_div = solve_to_end(augmented_flow, state0, s_span, rtol, atol, method)
     return (base.prior_log_prob(y_T) + int_div).detach(), nfe
 
 
@@ -85,51 +63,3 @@ def exact_divergence(out, inp):
     diag = [torch.autograd.grad(out[:, i].sum(), inp, retain_graph=True)[0].flatten(1)[:, i]
             for i in range(out.shape[1])]
     return torch.stack(diag, 1).sum(1)
-
-
-# --- bits per dimension (DESIGN.md section 5) ---------------------------------------------------
-
-
-def logit_transform(x, alpha=0.05):
-    """Map dequantized data x in [0, 1) to z = logit(p), p = alpha + (1 - 2 alpha) x.
-
-    x: (B, ...). Returns (z (B, ...), logdet (B,)) with the change-of-variables term
-        log|det dz/dx| = sum_i [log(1 - 2 alpha) - log p_i - log(1 - p_i)],
-    so that log p_X(x) = log p_Z(z) + logdet. alpha keeps p away from 0 and 1, where logit diverges.
-    """
-    p = alpha + (1.0 - 2.0 * alpha) * x
-    log_p, log_1mp = torch.log(p), torch.log1p(-p)
-    logdet = (math.log1p(-2.0 * alpha) - log_p - log_1mp).flatten(1).sum(1)
-    return log_p - log_1mp, logdet
-
-
-def bits_per_dim(log_p, num_dims, logdet=0.0):
-    """Bits per dimension of 8-bit data from the model's log-density of its dequantized version.
-
-    log_p: (B,) log-density in the model's space (z after the logit transform, else x_tilde in
-    [0, 1)); logdet: (B,) log|dz/dx_tilde| from ``logit_transform`` (0 without it); num_dims = C H W.
-    log p(x_tilde) = log_p + logdet, and x_tilde = (k + u) / 256 puts each integer k in a cube of side
-    1/256, so -log P(k) <= -E_u log p(x_tilde) + D log 256 (Jensen). Hence
-        bpd = -(log_p + logdet) / (D ln 2) + 8,
-    an upper bound on the discrete code length. Returns (B,).
-    """
-    return -(log_p + logdet) / (num_dims * math.log(2.0)) + 8.0
-
-
-def mean_and_stderr(values):
-    """Mean and standard error std / sqrt(N) (sample std, N - 1) as floats.
-
-    values: a tensor of any shape, or a sequence of tensors / numbers (e.g. per-batch results),
-    all pooled. One value gives a nan standard error.
-    """
-    if isinstance(values, torch.Tensor):
-        flat = values.reshape(-1)
-    else:
-        parts = [torch.as_tensor(v).reshape(-1) for v in values]
-        flat = torch.cat(parts) if parts else torch.empty(0)
-    flat = flat.detach().double()
-    n = flat.numel()
-    if n == 0:
-        raise ValueError("mean_and_stderr needs at least one value")
-    stderr = (flat.std() / math.sqrt(n)).item() if n > 1 else float("nan")
-    return flat.mean().item(), stderr

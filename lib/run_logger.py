@@ -1,4 +1,4 @@
-"""What a run leaves in its folder (DESIGN.md section 7).
+"""What a run leaves in its folder (docs/math.md section 7).
 
     args.json       the command-line arguments
     log.txt         one plain-text line per evaluation (appended across resumes)

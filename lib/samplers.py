@@ -4,7 +4,7 @@ Every sampler starts from y ~ N(0, I) of shape (B, ...) passed in by the caller,
 from an explicit ``torch.Generator`` (None: torch's default), and returns data of the same shape,
 so the same code serves 2-D toy points and (B, C, H, W) images.
 
-  * ``sample_lambda``: Euler-Maruyama of the lambda-family (DESIGN.md section 1).
+  * ``sample_lambda``: Euler-Maruyama of the lambda-family (docs/math.md section 1).
   * ``sample_pc``: predictor-corrector sampling (Song et al. 2021, Algorithm 1).
   * ``sample_ode``: the probability-flow ODE (lambda = 1) with an adaptive solver; returns the NFE.
   * ``tweedie_denoise``: the optional last step x = E[x | y_s] = (y + sigma^2(s) score) / alpha(s).
@@ -13,9 +13,7 @@ import math
 import operator
 
 import torch
-from torchdiffeq import odeint
-
-from lib.likelihood import check_ode_method, land_on_end
+from lib.ode import check_ode_method, solve_to_end
 from lib.sdes import _check_lambda, as_batch_time, batch_view
 
 PREDICTORS = ("reverse_diffusion", "euler_maruyama")
@@ -100,7 +98,7 @@ def sample_ode(gen_sde, y, rtol=1e-5, atol=1e-5, method="dopri5", denoise=False,
         return gen_sde.mu(as_batch_time(t, y_t), y_t, 1.0)
 
     t_span = torch.tensor([0.0, T - eps_end], dtype=y.dtype, device=y.device)
-    x = odeint(flow, y, t_span, rtol=rtol, atol=atol, method=method, options=land_on_end(t_span))[-1]
+    x = solve_to_end(flow, y, t_span, rtol, atol, method)
     return (tweedie_denoise(gen_sde, x, eps_end) if denoise else x), nfe
 
 

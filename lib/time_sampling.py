@@ -61,7 +61,7 @@ class VPImportanceTimeSampler(TimeSampler):
 
     With B(s) = beta_min s + (beta_max - beta_min) s^2 / 2, the antiderivative of
     beta / (1 - exp(-B)) is log(exp(B) - 1) = log_expm1(B), which gives the CDF
-    and its inverse in closed form (DESIGN.md section 2).
+    and its inverse in closed form (docs/math.md section 2).
     """
 
     def __init__(self, beta_min=0.1, beta_max=20.0, T=1.0, t_epsilon=1e-3):

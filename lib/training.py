@@ -1,13 +1,13 @@
 """The training loop shared by train_toy.py and train_img.py: set-up, step, evaluate, log, checkpoint.
 
-The scripts differ only in a `Task` (data, network, evaluation, samples). The loop owns
+The scripts differ only in a task (lib/task.py: data, network, evaluation, samples). The loop owns
 everything that must be identical for both: seeding, Adam + EMA, the divergence guard,
 resuming from `checkpoint.pt`, data parallelism, and the schedule of evaluations, samples
 and checkpoints.
 
-Exact resume. Everything random in iteration n is a pure function of (seed, rank, n): the training
-batch (see the tasks) and the loss's own noise (times, Y_s, dropout), drawn from torch's global RNG,
-which is reseeded from (seed, rank, n) at the start of the iteration (python's and numpy's with it).
+Exact resume. Everything random in iteration n is a pure function of (seed, stream, rank, n) (lib/rng.py):
+the training batch (see the tasks) and the loss's own noise (times, Y_s, dropout), drawn from torch's
+global RNG, which is reseeded from (seed, LOSS_NOISE, rank, n) at the start of the iteration.
 A run restarted from its checkpoint therefore draws exactly what the uninterrupted run drew, with no
 RNG state to carry (each rank's own stream under DDP, on CPU and CUDA alike). The checkpoint holds
 the weights, the EMA, Adam's state, the iteration and the running loss average since the last log
@@ -18,85 +18,39 @@ across ranks; DistributedDataParallel averages the gradients. Rank 0 alone reads
 (and broadcasts it, so every rank resumes from the same state) and alone writes the run folder.
 The loss and the finiteness checks are all-reduced, so every rank stops at the same iteration.
 Evaluation and sampling use the unwrapped EMA network on every rank (an adaptive ODE solve inside
-DDP hangs, DESIGN.md section 8); the image task shards its test set and gathers the results.
+DDP hangs, docs/math.md section 8); the image task shards its test set and gathers the results.
 
 --amp and --compile change only how the training forward runs (see BF16Autocast); checkpoints and
 evaluation always use the plain float32 network, so its state dict carries no wrapper prefixes.
 """
-import contextlib
 import math
 import os
-import random
 import sys
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from lib.checkpoint import CheckpointError, load_checkpoint, remove_partial_writes, save_checkpoint
+from lib.checkpoint import (CheckpointError, read_for_resume, remove_partial_writes, restore_training_state,
+                            save_checkpoint)
 from lib.config import ConfigError, check_writable_dir, fail, resolve_device
-from lib.distributed import (Distributed, barrier, broadcast_from_main, first_error, init_distributed,
-                             per_rank_values, shutdown)
+from lib.distributed import Distributed, barrier, first_error, init_distributed, per_rank_values, shutdown
 from lib.ema import EMA
 from lib.models import build_drift
+from lib.rng import Stream, forked_rng, seed_everything, seed_global
 from lib.run_logger import RunLogger
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE
 
-# Arguments that may differ when a run is resumed: they change how long it runs, where its files
-# are, how it computes or what it reports, never what it learns.
-RESUMABLE_ARGS = {
-    "num_iterations", "print_every", "sample_every", "checkpoint_every", "device", "num_workers",
-    "test_batch_size", "num_eval", "lambdas", "num_steps", "lmbd", "num_samples", "saveroot", "expname",
-    "dataroot", "amp", "compile", "channels_last", "elbo_estimator", "elbo_repeats",
-}
-
-# Tags that keep the random streams derived from one --seed apart.
-LOSS_NOISE, EVALUATION, SAMPLES, FINISH, TRAINING_DATA = 1, 2, 3, 4, 5
-
-
 class TrainingDiverged(Exception):
     """A non-finite loss, gradient or weight; the message is one line and the last checkpoint is untouched."""
-
-
-@dataclass
-class Task:
-    """What differs between the toy and the image script.
-
-    kind:      'toy' or 'img' (stored in the checkpoint)
-    model:     {'name': ..., 'kwargs': {...}} for lib.models.build_drift
-    sde:       VariancePreservingSDE keyword arguments
-    batches:   batches(start_iteration, device) -> iterator of this rank's training batches (B / world_size, ...)
-               for iterations start_iteration + 1, start_iteration + 2, ...
-    evaluate:  evaluate(gen_sde, iteration) -> dict of scalars (EMA model, eval mode); called on every
-               rank, and must return the same values on every rank
-    describe:  describe(iteration, loss, metrics) -> the log line
-    sample:    sample(gen_sde, iteration, logger) -> None, writes figures / grids (called on every rank;
-               the logger writes on rank 0 only)
-    finish:    finish(gen_sde, logger) -> None, after the last iteration (optional)
-    extra:     plain-type metadata stored in the checkpoint (e.g. image shape, logit transform)
-    channels_last: keep the network's weights, and so its activations, in channels_last memory format
-    """
-
-    kind: str
-    model: dict
-    sde: dict
-    batches: object
-    evaluate: object
-    describe: object
-    sample: object
-    finish: object = None
-    extra: dict = field(default_factory=dict)
-    channels_last: bool = False
 
 
 def run(args, make_task, user_errors=()):
     """Entry point shared by the scripts: set up (one process or torchrun's), train, and turn user errors
     into one line on stderr and exit status 1.
 
-    make_task(args, rank, world_size) -> Task. user_errors: further exception types whose message is for
-    the user. Under torchrun every such error is agreed by all ranks, and rank 0 prints it.
+    make_task(args, rank, world_size) -> a lib.task.Task (e.g. the task's class). user_errors: further
+    exception types whose message is for the user. Under torchrun every such error is agreed by all ranks, and rank 0 prints it.
     """
     prog = os.path.basename(sys.argv[0])
     errors = (ConfigError, CheckpointError, TrainingDiverged, *user_errors)
@@ -147,7 +101,9 @@ def _checked_task(args, make_task, ctx):
         run_dir = os.path.join(args.saveroot, args.expname)
         if os.path.exists(run_dir) and not os.path.isdir(run_dir):
             raise ConfigError(f"--expname={args.expname}: {run_dir} exists and is not a folder; pick another --expname")
-    return make_task(args, rank=ctx.rank, world_size=ctx.world_size)
+    task = make_task(args, rank=ctx.rank, world_size=ctx.world_size)
+    task.prepare()
+    return task
 
 
 def _agreed(build, ctx, errors):
@@ -173,30 +129,6 @@ def learning_rate(iteration, args):
         return args.lr
     progress = (iteration - args.warmup) / max(1, args.num_iterations - args.warmup)
     return args.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def derived_seed(*parts):
-    """A seed in [0, 2^63) from non-negative integers (seed, stream tag, rank, iteration, ...).
-
-    Distinct tuples give unrelated seeds (numpy's SeedSequence hashes them), where sums such as
-    seed + iteration would make run (seed=0, iteration 5) replay run (seed=1, iteration 4).
-    """
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] >> 1)
-
-
-def seed_everything(seed):
-    """Seed torch (CPU and every CUDA device), numpy's and python's global RNGs."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-@contextlib.contextmanager
-def forked_rng(seed, device):
-    """Run a block on torch's global RNG seeded with `seed`, leaving the training stream as it was."""
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        yield
 
 
 class BF16Autocast(nn.Module):
@@ -256,9 +188,9 @@ def train(args, task, logger, ctx=None):
 
     ckpt_path = logger.path("checkpoint.pt")
     start, loss_sum, loss_count = 0, 0.0, 0
-    state = _read_checkpoint(ckpt_path, args, task, ctx)
+    state = read_for_resume(ckpt_path, args, task, ctx)
     if state is not None:
-        start, loss_sum, loss_count = _restore(state, drift, ema, optimizer, ckpt_path)
+        start, loss_sum, loss_count = restore_training_state(state, drift, ema, optimizer, ckpt_path)
         logger.resume_at(start)
         note = ""
         if state.get("world_size", 1) != ctx.world_size:
@@ -284,14 +216,14 @@ def train(args, task, logger, ctx=None):
         last_saved = iteration
 
     def evaluate(iteration, loss):
-        with forked_rng(derived_seed(args.seed, EVALUATION, iteration), device):
+        with forked_rng(args.seed, Stream.EVALUATION, iteration, device=device):
             metrics = task.evaluate(ema_gen_sde, iteration)
         logger.metrics(iteration, {"loss": loss, **metrics})
         logger.line(task.describe(iteration, loss, metrics))
         return metrics
 
     def sample(iteration):
-        with forked_rng(derived_seed(args.seed, SAMPLES, iteration), device):
+        with forked_rng(args.seed, Stream.SAMPLES, iteration, device=device):
             task.sample(ema_gen_sde, iteration, logger)
 
     if start >= args.num_iterations:
@@ -309,7 +241,7 @@ def train(args, task, logger, ctx=None):
                disable=None if logger.enabled else True, dynamic_ncols=True)
     try:
         for it in bar:
-            seed_iteration(args.seed, ctx.rank, it)
+            seed_global(args.seed, Stream.LOSS_NOISE, ctx.rank, it)
             x = next(batches)
             loss = gen_sde.dsm(x).mean()
             optimizer.zero_grad(set_to_none=True)
@@ -331,15 +263,9 @@ def train(args, task, logger, ctx=None):
             bar.set_postfix(loss=f"{loss_value:.4g}", **{k: f"{v:.4g}" for k, v in list(last.items())[:1]})
     finally:
         bar.close()  # before any error line, so that line does not land on the bar's
-    if task.finish is not None:
-        with forked_rng(derived_seed(args.seed, FINISH), device):
-            task.finish(ema_gen_sde, logger)
+    with forked_rng(args.seed, Stream.FINISH, device=device):
+        task.finish(ema_gen_sde, logger)
     return ema_gen_sde
-
-
-def seed_iteration(seed, rank, iteration):
-    """Make the global RNGs a pure function of (seed, rank, iteration): the loss noise of one step."""
-    seed_everything(derived_seed(seed, LOSS_NOISE, rank, iteration))
 
 
 def _check_finite_step(it, loss, drift, args, ckpt_path, last_saved, ctx):
@@ -372,52 +298,3 @@ def _kept(ckpt_path, last_saved):
     if last_saved is None:
         return "no checkpoint was written"
     return f"the last checkpoint {ckpt_path} (iteration {last_saved}) is kept"
-
-
-def _read_checkpoint(path, args, task, ctx):
-    """The run's checkpoint (None for a fresh run), read by rank 0 and handed to every rank."""
-    state, message = None, None
-    if ctx.is_main and os.path.exists(path):
-        try:
-            state = load_checkpoint(path, map_location="cpu")
-            _check_same_run(state, args, task, path)
-        except CheckpointError as err:
-            state, message = None, str(err)
-    state, message = broadcast_from_main(ctx, (state, message))
-    if message is not None:
-        raise CheckpointError(message)
-    return state
-
-
-def _restore(state, drift, ema, optimizer, path):
-    """Load the training state (strictly); returns (iteration, running loss sum, running loss count)."""
-    try:
-        drift.load_state_dict(state["model_state"])
-        ema.shadow.load_state_dict(state["ema_state"])
-        optimizer.load_state_dict(state["optimizer_state"])
-        loss_sum, loss_count = state.get("running_loss", (0.0, 0))  # absent from checkpoints before it was kept
-        return int(state["iteration"]), float(loss_sum), int(loss_count)
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        reason = (str(err).strip().splitlines() or [""])[0][:160]
-        raise CheckpointError(f"{path} does not fit this run ({type(err).__name__}: {reason}); "
-                              "delete it to start afresh or pick another --expname") from None
-
-
-def _check_same_run(state, args, task, path):
-    """A checkpoint may only resume the run that wrote it: same task and same learning-relevant arguments."""
-    if state.get("kind") != task.kind:
-        raise CheckpointError(f"{path} was written by a {state.get('kind')} run, not {task.kind}; "
-                              "delete it or pick another --expname")
-    saved, now = state.get("args"), vars(args)
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path} holds no run arguments; delete it or pick another --expname")
-    resumable = RESUMABLE_ARGS
-    if now.get("lr_schedule") == "cosine":  # the cosine's horizon is --num_iterations: it is part of the schedule
-        resumable = RESUMABLE_ARGS - {"num_iterations"}
-    for key in sorted(set(saved) | set(now)):
-        if key in resumable or saved.get(key) == now.get(key):
-            continue
-        raise CheckpointError(
-            f"{path} was written with --{key}={saved.get(key)}, this command has --{key}={now.get(key)}; "
-            "use the same arguments to resume, or pick another --expname"
-        )

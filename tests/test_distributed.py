@@ -17,7 +17,7 @@ from lib.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY = ["--expname=run", "--print_every=2", "--checkpoint_every=2", "--sample_every=100", "--num_steps=4",
-       "--num_eval=40", "--elbo_repeats=2", "--num_samples=20", "--width=16", "--depth=1", "--lambdas=0.5",
+       "--num_eval=40", "--elbo_repeats=2", "--num_samples=20", "--width=16", "--depth=1", "--lmbd=0.5",
        "--batch_size=32", "--lr_schedule=constant", "--warmup=0", "--device=cpu"]
 
 
@@ -103,7 +103,7 @@ def evaluate_fixed_model(dataroot, out, env):
     """In a child: join the group described by env (none if empty), evaluate bits/dim of a fixed random
     U-Net on 30 test images in batches of 4 (8 batches, the last short), rank 0 saves the metrics."""
     from lib.distributed import init_distributed, shutdown
-    from lib.image_task import make_image_task
+    from lib.image_task import ImageTask
     from lib.models import build_drift
     from lib.sdes import PluginReverseSDE, VariancePreservingSDE
 
@@ -111,7 +111,7 @@ def evaluate_fixed_model(dataroot, out, env):
     ctx = init_distributed("cpu")
     args = train_img.parse_args([f"--dataroot={dataroot}", "--num_eval=30", "--test_batch_size=4", "--ch=32",
                                  "--num_workers=0", "--device=cpu"])
-    task = make_image_task(args, rank=ctx.rank, world_size=ctx.world_size)
+    task = ImageTask(args, rank=ctx.rank, world_size=ctx.world_size)
     torch.manual_seed(0)
     drift = build_drift(task.model["name"], task.model["kwargs"])
     with torch.no_grad():

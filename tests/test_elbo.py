@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import lib.sdes
+from lib.oracles import (GaussianDrift, IsotropicGaussianMixture, expected_elbo, expected_elbo_scaled_drift,
+                         gaussian_log_prob)
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE
-from oracles import (GaussianDrift, IsotropicGaussianMixture, expected_elbo, expected_elbo_scaled_drift,
-                     gaussian_log_prob)
 from test_sdes import mlp_drift
 
 SCHEDULES = [dict(beta_min=0.1, beta_max=20.0), dict(beta_min=0.5, beta_max=12.0)]

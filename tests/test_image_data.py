@@ -1,5 +1,4 @@
-"""Image data: torchvision's real MNIST / CIFAR10 classes on fake files, exact 8-bit pixels,
-dequantisation (k + u) / 256, batch flips (random_hflip), one-line errors for missing data,
+"""Image data: torchvision's real MNIST / CIFAR10 classes on fake files, exact 8-bit pixels, batch flips (random_hflip), one-line errors for missing data,
 the resumable training sampler and the loaders."""
 import itertools
 import math
@@ -12,8 +11,9 @@ import torch
 import torchvision
 from torch.utils.data import TensorDataset
 
-from lib.image_data import (DatasetNotFoundError, EpochShuffleSampler, dequantize, load_image_datasets,
-                            random_hflip, test_loader, train_loader)
+from lib.image_data import (DatasetNotFoundError, EpochShuffleSampler, load_image_datasets, random_hflip, test_loader,
+                            train_loader)
+from lib.pixels import dequantize
 from tests.fake_datasets import fake_cifar10_checksums, write_fake_cifar10, write_fake_mnist
 
 
@@ -89,51 +89,6 @@ def test_cifar_channel_layout_known_pixel_from_the_pickle(cifar):
 def test_unknown_dataset_name_is_rejected_naming_the_allowed_values(tmp_path):
     with pytest.raises(ValueError, match="cifar, mnist"):
         load_image_datasets("svhn", tmp_path)
-
-
-# --- dequantisation ---------------------------------------------------------------------
-
-def test_dequantize_stays_inside_the_bin_of_k():
-    k = torch.arange(256, dtype=torch.uint8).repeat(4000).view(1000, 1, 32, 32)  # every value, 4000 times
-    x = dequantize(k, generator=torch.Generator().manual_seed(0))
-    assert x.dtype == torch.float32 and x.shape == k.shape
-    kf = k.double()
-    assert torch.all(x.double() >= kf / 256) and torch.all(x.double() < (kf + 1) / 256)
-
-
-def test_dequantize_edge_of_the_bin_stays_half_open():
-    # 255 + u rounds to 256 in float32 when u > 1 - 2^-17: some of these 2^21 draws (about 16) hit it
-    k = torch.full((1 << 21,), 255, dtype=torch.uint8)
-    u = torch.rand(k.shape, generator=torch.Generator().manual_seed(1))
-    assert ((k + u) / 256 == 1.0).any()  # the naive formula would leave the bin [255/256, 1)
-    x = dequantize(k, generator=torch.Generator().manual_seed(1))
-    assert x.max().item() < 1.0
-
-
-def test_dequantize_noise_has_mean_one_half():
-    k = torch.randint(0, 256, (64, 3, 32, 32), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
-    u = dequantize(k, generator=torch.Generator().manual_seed(3)).double() * 256 - k.double()
-    # u ~ U[0, 1): mean 1/2, sd 1/sqrt(12); the sample mean of n draws is within 5 standard errors
-    n = u.numel()
-    assert abs(u.mean().item() - 0.5) < 5 / math.sqrt(12 * n)
-    assert abs(u.var().item() - 1 / 12) < 0.01
-
-
-def test_dequantize_is_reproducible_from_the_generator():
-    k = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
-    a = dequantize(k, generator=torch.Generator().manual_seed(7))
-    b = dequantize(k, generator=torch.Generator().manual_seed(7))
-    c = dequantize(k, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_dequantize_accepts_wider_integers_and_refuses_floats():
-    k = torch.tensor([0, 17, 255], dtype=torch.int64)
-    assert torch.equal((dequantize(k) * 256).floor().long(), k)
-    with pytest.raises(TypeError, match="integer"):
-        dequantize(k.float() / 255)
-    with pytest.raises(ValueError, match="0..255"):
-        dequantize(torch.tensor([256]))
 
 
 # --- flips ------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ import pytest
 import torch
 
 from lib.hutchinson import sample_probe
-from lib.likelihood import bits_per_dim, exact_divergence, logit_transform, mean_and_stderr, ode_log_likelihood
+from lib.likelihood import exact_divergence, ode_log_likelihood
+from lib.oracles import GaussianDrift, gaussian_log_prob
 from lib.samplers import sample_ode
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE, as_batch_time, batch_view
-from oracles import GaussianDrift, gaussian_log_prob
 
 DTYPE = torch.float64
 MEAN_2D = torch.tensor([0.5, -0.3], dtype=DTYPE)
@@ -170,7 +170,7 @@ def test_likelihood_holds_for_another_horizon_T():
     assert (log_p - closed_form_log_p(gen.base_sde, 0.5, x, mean, Q, lam)).abs().max() / 2 < TOL_PER_DIM
 
 
-# --- the integration direction (DESIGN.md section 8) -------------------------------------------------
+# --- the integration direction (docs/math.md section 8) -------------------------------------------------
 
 
 def noise_to_data_log_p(sde, T, x, mean, Q, lam):
@@ -323,53 +323,3 @@ def test_unknown_probe_or_solver_is_rejected(kwargs, match):
     mean, Q, lam = isotropic((2,))
     with pytest.raises(ValueError, match=match):
         ode_log_likelihood(gen_sde_for(mean, Q, lam, use_oracle=True), draw_data(4, mean, Q, lam, seed=0), **kwargs)
-
-
-# --- logit transform and bits per dimension (DESIGN.md section 5) ------------------------------------
-
-
-def test_logit_transform_maps_to_the_logit_and_back():
-    x = torch.rand(4, 1, 3, 3, dtype=DTYPE, generator=torch.Generator().manual_seed(0))
-    z, _ = logit_transform(x, alpha=0.05)
-    assert torch.allclose(z, torch.logit(0.05 + 0.9 * x))
-    assert torch.allclose((torch.sigmoid(z) - 0.05) / 0.9, x)
-
-
-@pytest.mark.parametrize("alpha", [0.05, 1e-6])
-def test_logit_logdet_is_the_log_determinant_of_the_autograd_jacobian(alpha):
-    x = torch.rand(3, 2, 2, 2, dtype=DTYPE, generator=torch.Generator().manual_seed(1))
-    _, logdet = logit_transform(x, alpha)
-    for i in range(3):
-        jac = torch.autograd.functional.jacobian(lambda v: logit_transform(v[None], alpha)[0][0], x[i])  # (2,2,2,2,2,2)
-        sign, expected = torch.linalg.slogdet(jac.reshape(8, 8))
-        assert sign > 0 and logdet[i].item() == pytest.approx(expected.item(), rel=1e-12)
-
-
-def test_bpd_of_the_uniform_density_on_the_unit_cube_is_exactly_8():
-    """p(x_tilde) = 1 on [0, 1)^D: log p = 0, so bpd = 0 / (D ln 2) + 8."""
-    num_dims = 3 * 32 * 32
-    assert torch.equal(bits_per_dim(torch.zeros(5, dtype=DTYPE), num_dims), torch.full((5,), 8.0, dtype=DTYPE))
-
-
-def test_bpd_of_the_uniform_density_seen_through_the_logit_is_exactly_8():
-    """If x_tilde is uniform, z = logit(...) has density p_Z(z) = 1 / |dz/dx|: log p_Z = -logdet, bpd = 8."""
-    x = torch.rand(6, 1, 4, 4, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
-    _, logdet = logit_transform(x)
-    assert torch.allclose(bits_per_dim(-logdet, 16, logdet), torch.full((6,), 8.0, dtype=DTYPE), atol=1e-12)
-
-
-def test_bpd_counts_bits_per_dimension_and_the_log_determinant():
-    """Density 2^-D on the cube (half a bit less likely per dimension): bpd = 9; a logdet of D ln 2 gives 8 back."""
-    D = 10
-    log_p = torch.tensor([-D * math.log(2.0)], dtype=DTYPE)
-    assert bits_per_dim(log_p, D).item() == pytest.approx(9.0, rel=1e-14)
-    assert bits_per_dim(log_p, D, torch.tensor([D * math.log(2.0)], dtype=DTYPE)).item() == pytest.approx(8.0)
-
-
-def test_mean_and_stderr_is_the_mean_and_sample_std_over_root_n():
-    mean, se = mean_and_stderr(torch.tensor([1.0, 2.0, 3.0, 4.0]))
-    assert mean == 2.5 and se == pytest.approx(math.sqrt(5 / 3) / 2)
-    assert mean_and_stderr([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]) == (mean, se)
-    assert math.isnan(mean_and_stderr(torch.tensor([3.0]))[1])
-    with pytest.raises(ValueError):
-        mean_and_stderr([])

@@ -3,8 +3,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lib.checkpoint import CheckpointError
-from lib.training import _check_same_run, learning_rate
+from lib.checkpoint import CheckpointError, check_same_run
+from lib.toy_task import ToyTask
+from lib.training import learning_rate
 
 
 def schedule(kind, lr=2e-3, warmup=100, num_iterations=1100):
@@ -41,9 +42,8 @@ def saved_state(**args):
 
 
 def test_resuming_may_extend_a_constant_schedule_but_not_a_cosine_one():
-    task = SimpleNamespace(kind="toy")
     constant = dict(lr_schedule="constant", num_iterations=300)
-    _check_same_run(saved_state(**constant), SimpleNamespace(**{**constant, "num_iterations": 500}), task, "ckpt")
+    check_same_run(saved_state(**constant), SimpleNamespace(**{**constant, "num_iterations": 500}), ToyTask, "ckpt")
     cosine = dict(lr_schedule="cosine", num_iterations=300)
     with pytest.raises(CheckpointError, match="--num_iterations=300"):
-        _check_same_run(saved_state(**cosine), SimpleNamespace(**{**cosine, "num_iterations": 500}), task, "ckpt")
+        check_same_run(saved_state(**cosine), SimpleNamespace(**{**cosine, "num_iterations": 500}), ToyTask, "ckpt")

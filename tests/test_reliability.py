@@ -22,7 +22,7 @@ from fake_datasets import write_fake_image_dataset
 from lib.checkpoint import load_checkpoint, save_checkpoint
 
 TOY = ["--num_iterations=24", "--print_every=5", "--checkpoint_every=4", "--sample_every=1000", "--num_steps=5",
-       "--num_eval=40", "--elbo_repeats=2", "--num_samples=20", "--width=16", "--depth=1", "--lambdas=0.5",
+       "--num_eval=40", "--elbo_repeats=2", "--num_samples=20", "--width=16", "--depth=1", "--lmbd=0.5",
        "--batch_size=32", "--ema_decay=0.9", "--lr_schedule=constant", "--warmup=0", "--device=cpu"]
 
 
@@ -167,7 +167,7 @@ BAD_ARGUMENTS = [
     ("--compile=on", "--compile"), ("--ema_decay=1.5", "--ema_decay"), ("--ema_decay=-0.1", "--ema_decay"),
     ("--no_such_flag=1", "--no_such_flag"),
 ]
-TOY_ONLY = [("--lambdas=0,1.5", "--lambdas"), ("--lambdas=-0.5", "--lambdas"), ("--lambdas=0,,1", "--lambdas"),
+TOY_ONLY = [("--lmbd=0,1.5", "--lmbd"), ("--lmbd=-0.5", "--lmbd"), ("--lmbd=0,,1", "--lmbd"),
             ("--width=0", "--width"), ("--noise=0", "--noise"), ("--num_eval=0", "--num_eval")]
 IMG_ONLY = [("--dataset=imagenet", "--dataset"), ("--real=yes", "--real"), ("--lmbd=1.01", "--lmbd"),
             ("--lmbd=-0.1", "--lmbd"), ("--test_batch_size=0", "--test_batch_size"), ("--num_eval=0", "--num_eval"),

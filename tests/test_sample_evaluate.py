@@ -19,15 +19,15 @@ import train_img
 import train_toy
 from fake_datasets import write_fake_image_dataset
 from lib.checkpoint import load_model
-from lib.evaluation import (ELBO_ESTIMATORS, ODELikelihood, elbo_estimator, repeated_mean, sliced_wasserstein,
-                            summarize, test_set_bits_per_dim)
-from lib.image_data import dequantize, load_image_datasets, test_loader
-from lib.likelihood import logit_transform, ode_log_likelihood
+from lib.evaluation import (ELBO_ESTIMATORS, ODELikelihood, elbo_estimator, mean_and_stderr, repeated_mean,
+                            sliced_wasserstein, summarize, test_set_bits_per_dim)
+from lib.image_data import load_image_datasets, test_loader
+from lib.likelihood import ode_log_likelihood
+from lib.pixels import dequantize, logit_transform
+from lib.oracles import GaussianDrift, expected_elbo
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE
 from lib.swiss_roll import sample_swiss_roll, swiss_roll_log_density
-from lib.toy_task import HELD_OUT_SEED
-from lib.training import derived_seed
-from oracles import GaussianDrift, expected_elbo
+from lib.rng import derived_seed, held_out_generator
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TOY_EVAL = 200  # the toy run's --num_eval: evaluate.py's default held-out set
@@ -38,7 +38,7 @@ def toy_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     train_toy.main([f"--saveroot={root}", "--expname=toy", "--num_iterations=50", "--print_every=50",
                     "--checkpoint_every=50", "--sample_every=50", "--num_steps=10", f"--num_eval={TOY_EVAL}",
-                    "--elbo_repeats=4", "--num_samples=50", "--width=32", "--depth=1", "--lambdas=0,1",
+                    "--elbo_repeats=4", "--num_samples=50", "--width=32", "--depth=1", "--lmbd=0,1",
                     "--device=cpu"])
     return os.path.join(root, "toy", "checkpoint.pt")
 
@@ -59,13 +59,13 @@ def read_table(path):
         return list(csv.DictReader(fh))
 
 
-def run_sample(*argv):
-    sample.main(["--device=cpu", *argv])
+def run_sample(sampler, *argv):
+    sample.main([sampler, "--device=cpu", *argv])
 
 
-def run_evaluate(tmp_path, *argv):
+def run_evaluate(tmp_path, method, *argv):
     out = tmp_path / "report.json"
-    evaluate.main(["--device=cpu", f"--output={out}", *argv])
+    evaluate.main([method, "--device=cpu", f"--output={out}", *argv])
     with open(out) as fh:
         return json.load(fh)
 
@@ -81,14 +81,14 @@ def one_line_error(capsys, main, argv):
 
 
 def held_out_points(n=TOY_EVAL, noise=0.5):
-    return sample_swiss_roll(n, noise, torch.Generator().manual_seed(HELD_OUT_SEED))
+    return sample_swiss_roll(n, noise, held_out_generator())
 
 
 # --- sample.py on the toy --------------------------------------------------------------------------
 
 
 def test_toy_em_sweep_writes_a_png_per_lambda_and_the_table(toy_ckpt, tmp_path, capsys):
-    run_sample(f"--checkpoint={toy_ckpt}", "--lmbd=0,0.5,1", "--num_steps=20", "--num_samples=300",
+    run_sample("em", f"--checkpoint={toy_ckpt}", "--lmbd=0,0.5,1", "--num_steps=20", "--num_samples=300",
                f"--outdir={tmp_path}")
     for name in ("lambda_0.png", "lambda_0.5.png", "lambda_1.png"):
         with open(tmp_path / name, "rb") as fh:
@@ -108,9 +108,9 @@ def test_toy_em_sweep_writes_a_png_per_lambda_and_the_table(toy_ckpt, tmp_path, 
 
 
 def test_toy_lambda_gives_the_same_samples_in_any_list(toy_ckpt, tmp_path):
-    run_sample(f"--checkpoint={toy_ckpt}", "--lmbd=0,0.5", "--num_steps=10", "--num_samples=100",
+    run_sample("em", f"--checkpoint={toy_ckpt}", "--lmbd=0,0.5", "--num_steps=10", "--num_samples=100",
                f"--outdir={tmp_path / 'list'}")
-    run_sample(f"--checkpoint={toy_ckpt}", "--lmbd=0.5", "--num_steps=10", "--num_samples=100",
+    run_sample("em", f"--checkpoint={toy_ckpt}", "--lmbd=0.5", "--num_steps=10", "--num_samples=100",
                f"--outdir={tmp_path / 'alone'}")
     in_list = read_table(tmp_path / "list" / "samples.csv")[1]
     alone = read_table(tmp_path / "alone" / "samples.csv")[0]
@@ -119,7 +119,7 @@ def test_toy_lambda_gives_the_same_samples_in_any_list(toy_ckpt, tmp_path):
 
 def test_toy_ode_sampler_counts_its_evaluations_and_the_denoising_step(toy_ckpt, tmp_path):
     for denoise in ("True", "False"):
-        run_sample(f"--checkpoint={toy_ckpt}", "--sampler=ode", "--num_samples=100", f"--denoise={denoise}",
+        run_sample("ode", f"--checkpoint={toy_ckpt}", "--num_samples=100", f"--denoise={denoise}",
                    f"--outdir={tmp_path / denoise}")
     rows = {d: read_table(tmp_path / d / "samples.csv") for d in ("True", "False")}
     assert all(len(r) == 1 and r[0]["lambda"] == "1.0" and r[0]["steps"] == "adaptive" for r in rows.values())
@@ -130,7 +130,7 @@ def test_toy_ode_sampler_counts_its_evaluations_and_the_denoising_step(toy_ckpt,
 
 
 def test_toy_pc_sampler_counts_predictor_corrector_and_denoising_evaluations(toy_ckpt, tmp_path):
-    run_sample(f"--checkpoint={toy_ckpt}", "--sampler=pc", "--num_steps=10", "--n_corrector=2", "--num_samples=50",
+    run_sample("pc", f"--checkpoint={toy_ckpt}", "--num_steps=10", "--n_corrector=2", "--num_samples=50",
                f"--outdir={tmp_path}")
     (row,) = read_table(tmp_path / "samples.csv")
     assert row["lambda"] == "0.0" and row["sampler"] == "pc" and row["steps"] == "10"
@@ -138,7 +138,7 @@ def test_toy_pc_sampler_counts_predictor_corrector_and_denoising_evaluations(toy
 
 
 def test_default_outdir_is_inside_the_run_folder(toy_ckpt):
-    run_sample(f"--checkpoint={toy_ckpt}", "--lmbd=1", "--num_steps=5", "--num_samples=20")
+    run_sample("em", f"--checkpoint={toy_ckpt}", "--lmbd=1", "--num_steps=5", "--num_samples=20")
     folder = os.path.join(os.path.dirname(toy_ckpt), "samples_em")
     assert sorted(os.listdir(folder)) == ["lambda_1.png", "samples.csv"]
 
@@ -148,7 +148,7 @@ def test_default_outdir_is_inside_the_run_folder(toy_ckpt):
 
 def test_image_sweep_writes_grids_and_a_table_without_a_toy_distance(mnist_run, tmp_path):
     _, ckpt = mnist_run
-    run_sample(f"--checkpoint={ckpt}", "--lmbd=0,1", "--num_steps=3", "--num_samples=4", f"--outdir={tmp_path}")
+    run_sample("em", f"--checkpoint={ckpt}", "--lmbd=0,1", "--num_steps=3", "--num_samples=4", f"--outdir={tmp_path}")
     rows = read_table(tmp_path / "samples.csv")
     assert list(rows[0]) == ["lambda", "sampler", "steps", "nfe", "seconds"]
     assert [(r["lambda"], r["nfe"]) for r in rows] == [("0.0", "3"), ("1.0", "3")]
@@ -159,7 +159,7 @@ def test_image_sweep_writes_grids_and_a_table_without_a_toy_distance(mnist_run, 
 
 def test_image_ode_sampler_reports_a_positive_nfe(mnist_run, tmp_path):
     _, ckpt = mnist_run
-    run_sample(f"--checkpoint={ckpt}", "--sampler=ode", "--rtol=1e-2", "--atol=1e-2", "--num_samples=2",
+    run_sample("ode", f"--checkpoint={ckpt}", "--rtol=1e-2", "--atol=1e-2", "--num_samples=2",
                f"--outdir={tmp_path}")
     (row,) = read_table(tmp_path / "samples.csv")
     assert int(row["nfe"]) > 0 and float(row["seconds"]) > 0
@@ -171,26 +171,45 @@ def test_image_ode_sampler_reports_a_positive_nfe(mnist_run, tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--lmbd=0,x"], "each lambda must be a number in [0, 1]"),
-    (["--lmbd=0,1.5"], "each lambda must be a number in [0, 1]"),
-    (["--lmbd=0,,1"], "comma-separated"),
-    (["--lmbd=0.5,0.5"], "more than once"),
-    (["--sampler=ddim"], "invalid choice: 'ddim'"),
-    (["--sampler=pc", "--lmbd=0.5"], "reverse SDE (λ=0) only"),
-    (["--sampler=ode", "--lmbd=0,1"], "probability-flow ODE (λ=1) only"),
-    (["--sampler=ode", "--num_steps=100"], "--num_steps applies to --sampler=em or pc"),
-    (["--sampler=em", "--snr=0.1"], "--snr applies to --sampler=pc"),
-    (["--sampler=em", "--rtol=1e-3"], "--rtol applies to --sampler=ode"),
-    (["--denoise=yes"], "expected True or False"),
+    (["em", "--lmbd=0,x"], "each lambda must be a number in [0, 1]"),
+    (["em", "--lmbd=0,1.5"], "each lambda must be a number in [0, 1]"),
+    (["em", "--lmbd=0,,1"], "comma-separated"),
+    (["em", "--lmbd=0.5,0.5"], "more than once"),
+    (["ddim"], "invalid choice: 'ddim'"),
+    (["pc", "--lmbd=0.5"], "unrecognized arguments: --lmbd=0.5"),
+    (["ode", "--lmbd=1"], "unrecognized arguments: --lmbd=1"),
+    (["ode", "--num_steps=100"], "unrecognized arguments: --num_steps=100"),
+    (["em", "--snr=0.1"], "unrecognized arguments: --snr=0.1"),
+    (["em", "--rtol=1e-3"], "unrecognized arguments: --rtol=1e-3"),
+    (["pc", "--denoise=yes"], "expected True or False"),
+    (["--sampler=pc"], "the following arguments are required"),
 ])
 def test_sample_refuses_bad_options_in_one_line(toy_ckpt, capsys, argv, expected):
-    err = one_line_error(capsys, sample.main, [f"--checkpoint={toy_ckpt}", "--device=cpu", *argv])
+    err = one_line_error(capsys, sample.main, [*argv, f"--checkpoint={toy_ckpt}", "--device=cpu"])
     assert expected in err
 
 
+@pytest.mark.parametrize("main, command, expected", [
+    (sample.main, "em", ["--lmbd", "(default: [0.0, 0.25, 0.5, 0.75, 1.0])", "--num_steps", "(default: 1000)"]),
+    (sample.main, "pc", ["--snr", "(default: 0.16)", "--n_corrector", "(default: 1)", "(default: reverse_diffusion)"]),
+    (sample.main, "ode", ["--rtol", "(default: 1e-05)", "--denoise", "(default: True)"]),
+    (evaluate.main, "elbo", ["--estimator", "(default: elbo)", "--elbo_repeats", "the run's --elbo_repeats"]),
+    (evaluate.main, "ode", ["--divergence", "rademacher for images", "--atol", "(default: 1e-05)"]),
+])
+def test_each_subcommand_lists_only_its_own_flags_with_their_defaults(capsys, main, command, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(e in text for e in expected), text
+    others = {"em": ["--snr", "--rtol"], "pc": ["--lmbd", "--rtol"], "ode": ["--lmbd", "--num_steps", "--snr"],
+              "elbo": ["--divergence", "--rtol"]}.get(command, ["--estimator", "--elbo_repeats"])
+    assert not any(flag in text for flag in others)
+
+
 def test_sample_and_evaluate_refuse_a_missing_checkpoint(tmp_path, capsys):
-    for main in (sample.main, evaluate.main):
-        err = one_line_error(capsys, main, [f"--checkpoint={tmp_path / 'nowhere.pt'}", "--device=cpu"])
+    for main, command in ((sample.main, "em"), (evaluate.main, "elbo")):
+        err = one_line_error(capsys, main, [command, f"--checkpoint={tmp_path / 'nowhere.pt'}", "--device=cpu"])
         assert "no checkpoint at" in err and "nowhere.pt" in err
 
 
@@ -202,15 +221,15 @@ def test_sample_and_evaluate_refuse_a_file_that_is_not_a_checkpoint(tmp_path, ca
         torch.save({"weights": torch.ones(2)}, path)  # a readable torch file, but not a run's checkpoint
     else:
         path.write_bytes(content)
-    for main in (sample.main, evaluate.main):
-        assert expected in one_line_error(capsys, main, [f"--checkpoint={path}", "--device=cpu"])
+    for main, command in ((sample.main, "em"), (evaluate.main, "elbo")):
+        assert expected in one_line_error(capsys, main, [command, f"--checkpoint={path}", "--device=cpu"])
 
 
 # --- evaluate.py on the toy --------------------------------------------------------------------------
 
 
 def test_toy_ode_evaluation_is_the_exact_likelihood_of_the_held_out_points(toy_ckpt, tmp_path, capsys):
-    report = run_evaluate(tmp_path, f"--checkpoint={toy_ckpt}", "--method=ode")
+    report = run_evaluate(tmp_path, "ode", f"--checkpoint={toy_ckpt}")
     x = held_out_points()
     log_p, nfe = ode_log_likelihood(load_model(toy_ckpt), x)
     truth = swiss_roll_log_density(x, 0.5)
@@ -230,8 +249,8 @@ def test_toy_ode_evaluation_is_the_exact_likelihood_of_the_held_out_points(toy_c
 def test_toy_hutchinson_ode_evaluation_is_near_the_exact_one(toy_ckpt, tmp_path):
     """One probe per point: the paired difference to the exact divergence averages out within its errors
     (4 combined standard errors; the Hutchinson noise is small against the spread over points)."""
-    exact = run_evaluate(tmp_path, f"--checkpoint={toy_ckpt}", "--method=ode")
-    probe = run_evaluate(tmp_path, f"--checkpoint={toy_ckpt}", "--method=ode", "--divergence=gaussian")
+    exact = run_evaluate(tmp_path, "ode", f"--checkpoint={toy_ckpt}")
+    probe = run_evaluate(tmp_path, "ode", f"--checkpoint={toy_ckpt}", "--divergence=gaussian")
     assert probe["divergence"] == "gaussian"
     assert abs(probe["ode"] - exact["ode"]) < 4 * math.hypot(probe["ode_std_err"], exact["ode_std_err"])
 
@@ -241,7 +260,7 @@ def test_toy_elbo_evaluation_agrees_with_the_training_estimate(toy_ckpt, tmp_pat
     """evaluate.py's ELBO and an independent one (sdeflow-light's random t slices,
     another seed, 16 draws per point) estimate the same mean: they differ by less than 4 combined standard
     errors (conservative: both share the spread over the same points). The truth is the quadrature's."""
-    report = run_evaluate(tmp_path, f"--checkpoint={toy_ckpt}", f"--estimator={estimator}", "--seed=3")
+    report = run_evaluate(tmp_path, "elbo", f"--checkpoint={toy_ckpt}", f"--estimator={estimator}", "--seed=3")
     assert report["estimator"] == estimator and report["elbo_repeats"] == 4  # the run's own --elbo_repeats
     torch.manual_seed(12345)
     other = repeated_mean(load_model(toy_ckpt).elbo_random_t_slice, held_out_points(), 16)
@@ -253,7 +272,7 @@ def test_toy_elbo_evaluation_agrees_with_the_training_estimate(toy_ckpt, tmp_pat
 
 
 def test_default_estimator_is_the_elbo_method(toy_ckpt, tmp_path):
-    report = run_evaluate(tmp_path, f"--checkpoint={toy_ckpt}", "--num_eval=50")
+    report = run_evaluate(tmp_path, "elbo", f"--checkpoint={toy_ckpt}", "--num_eval=50")
     assert report["estimator"] == "elbo" and report["num_points"] == 50
 
 
@@ -264,7 +283,7 @@ def test_image_ode_bpd_is_the_likelihood_of_the_dequantized_logit_images(mnist_r
     """bpd = -(log p_ODE(z) + log|dz/dx|) / (D ln 2) + 8 with x = (k + u) / 256, z = logit(0.05 + 0.9 x),
     recomputed here from the first 2 test images with the dequantisation and probe seeds evaluate.py documents."""
     dataroot, ckpt = mnist_run
-    report = run_evaluate(tmp_path, f"--checkpoint={ckpt}", "--method=ode", "--num_eval=2", "--rtol=5e-2",
+    report = run_evaluate(tmp_path, "ode", f"--checkpoint={ckpt}", "--num_eval=2", "--rtol=5e-2",
                           "--atol=5e-2")
     assert report["num_images"] == 2 and report["unit"] == "bits/dim" and report["divergence"] == "rademacher"
     k = torch.stack([load_image_datasets("mnist", dataroot)[1][i][0] for i in range(2)])  # (2, 1, 28, 28) uint8
@@ -283,7 +302,7 @@ def test_image_elbo_bpd_respects_the_entropy_of_uniform_pixels(mnist_run, tmp_pa
     """The fake images are uniform random bytes, so x = (k + u) / 256 is uniform on the cube: no model beats
     8 bits/dim, and the ELBO's bpd is an upper bound on the model's. Mean > 8 - 3 standard errors."""
     _, ckpt = mnist_run
-    report = run_evaluate(tmp_path, f"--checkpoint={ckpt}", "--estimator=random_t_slice", "--test_batch_size=5")
+    report = run_evaluate(tmp_path, "elbo", f"--checkpoint={ckpt}", "--estimator=random_t_slice", "--test_batch_size=5")
     assert report["num_images"] == 32 and report["dataset"] == "mnist"  # the whole fake test set
     assert report["bpd"] > 8 - 3 * report["bpd_std_err"] and report["bpd_std_err"] > 0
 
@@ -296,27 +315,28 @@ def test_missing_image_data_is_a_one_line_error_naming_the_folder(mnist_run, tmp
 
     monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive", offline)
     _, ckpt = mnist_run
-    err = one_line_error(capsys, evaluate.main, [f"--checkpoint={ckpt}", "--device=cpu",
+    err = one_line_error(capsys, evaluate.main, ["elbo", f"--checkpoint={ckpt}", "--device=cpu",
                                                  "--estimator=random_t_slice", f"--dataroot={tmp_path / 'empty'}"])
     assert "MNIST not found" in err and str(tmp_path / "empty") in err
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--method=exact"], "invalid choice: 'exact'"),
-    (["--estimator=importance"], "invalid choice: 'importance'"),
-    (["--method=ode", "--estimator=random_t_slice"], "--estimator applies to --method=elbo"),
-    (["--method=elbo", "--divergence=exact"], "--divergence applies to --method=ode"),
-    (["--num_eval=0"], "positive integer"),
+    (["exact"], "invalid choice: 'exact'"),
+    (["elbo", "--estimator=importance"], "invalid choice: 'importance'"),
+    (["ode", "--estimator=random_t_slice"], "unrecognized arguments: --estimator=random_t_slice"),
+    (["elbo", "--divergence=exact"], "unrecognized arguments: --divergence=exact"),
+    (["elbo", "--num_eval=0"], "positive integer"),
 ])
 def test_evaluate_refuses_bad_options_in_one_line(toy_ckpt, capsys, argv, expected):
-    assert expected in one_line_error(capsys, evaluate.main, [f"--checkpoint={toy_ckpt}", "--device=cpu", *argv])
+    assert expected in one_line_error(capsys, evaluate.main, [*argv, f"--checkpoint={toy_ckpt}", "--device=cpu"])
 
 
 def test_evaluate_refuses_image_options_for_the_toy_and_too_many_test_images(toy_ckpt, mnist_run, capsys):
-    err = one_line_error(capsys, evaluate.main, [f"--checkpoint={toy_ckpt}", "--dataroot=data", "--device=cpu"])
+    err = one_line_error(capsys, evaluate.main, ["elbo", f"--checkpoint={toy_ckpt}", "--dataroot=data",
+                                                 "--device=cpu"])
     assert "--dataroot applies to image runs" in err
     _, ckpt = mnist_run
-    err = one_line_error(capsys, evaluate.main, [f"--checkpoint={ckpt}", "--num_eval=1000", "--device=cpu",
+    err = one_line_error(capsys, evaluate.main, ["elbo", f"--checkpoint={ckpt}", "--num_eval=1000", "--device=cpu",
                                                  "--estimator=random_t_slice"])
     assert "--num_eval=1000 exceeds the 32 test images" in err
 
@@ -368,18 +388,15 @@ def test_test_set_bpd_of_the_uniform_density_is_exactly_8(tmp_path, real):
     """A model whose density is 1 on the cube [0, 1)^D in pixel space scores 8 bits/dim on any images.
     Without the logit it is log p = 0; seen through the logit it is log p_Z(z) = -log|dz/dx|."""
     write_fake_image_dataset("mnist", tmp_path)
-    _, test_set, info = load_image_datasets("mnist", tmp_path, download=False)
+    _, test_set, _ = load_image_datasets("mnist", tmp_path, download=False)
     loader = test_loader(test_set, 10)
-
-    def to_model_space(x):
-        return logit_transform(x, 0.05) if real else (x, torch.zeros(x.shape[0]))
 
     def uniform_log_density(z):
         if not real:
             return torch.zeros(z.shape[0])
         return -logit_transform((torch.sigmoid(z.double()) - 0.05) / 0.9, 0.05)[1]
 
-    bpd = test_set_bits_per_dim(uniform_log_density, loader, to_model_space, info.dim, torch.device("cpu"))
+    bpd = test_set_bits_per_dim(uniform_log_density, loader, real, torch.device("cpu"))
     assert bpd.shape == (32,) and bpd.dtype == torch.float64
     assert torch.allclose(bpd, torch.full_like(bpd, 8.0), atol=1e-5)
 
@@ -417,3 +434,12 @@ def test_sliced_wasserstein_compares_empirical_distributions_of_any_sizes():
     assert sliced_wasserstein(torch.zeros(3, 1), torch.ones(7, 1), 8, gen).item() == pytest.approx(1.0)
     with pytest.raises(ValueError):
         sliced_wasserstein(torch.zeros(3, 2), torch.zeros(3, 3))
+
+
+def test_mean_and_stderr_is_the_mean_and_sample_std_over_root_n():
+    mean, se = mean_and_stderr(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert mean == 2.5 and se == pytest.approx(math.sqrt(5 / 3) / 2)
+    assert mean_and_stderr([torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]) == (mean, se)
+    assert math.isnan(mean_and_stderr(torch.tensor([3.0]))[1])
+    with pytest.raises(ValueError):
+        mean_and_stderr([])

@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
+from lib.oracles import GaussianDrift
 from lib.samplers import sample_lambda, sample_ode, sample_pc, tweedie_denoise
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE
-from oracles import GaussianDrift
 
 MEAN = torch.tensor([0.5, -0.3], dtype=torch.float64)
 STD = 0.6

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
+from lib.oracles import GaussianDrift, expected_dsm_given_s, expected_elbo
 from lib.sdes import PluginReverseSDE, VariancePreservingSDE
-from oracles import GaussianDrift, expected_dsm_given_s, expected_elbo
 
 SCHEDULES = [dict(beta_min=0.1, beta_max=20.0), dict(beta_min=0.5, beta_max=12.0)]
 

@@ -9,11 +9,11 @@ import train_toy
 from lib.checkpoint import load_model
 from lib.likelihood import ode_log_likelihood
 from lib.swiss_roll import sample_swiss_roll
-from lib.toy_task import HELD_OUT_SEED
+from lib.rng import held_out_generator
 
 SMALL = ["--num_iterations=300", "--print_every=100", "--checkpoint_every=100", "--sample_every=300",
          "--num_steps=40", "--num_eval=400", "--elbo_repeats=16", "--num_samples=300", "--width=64",
-         "--depth=2", "--lambdas=0,0.5,1", "--warmup=20", "--device=cpu"]
+         "--depth=2", "--lmbd=0,0.5,1", "--warmup=20", "--device=cpu"]
 
 
 def records(run_dir):
@@ -67,7 +67,7 @@ def test_estimates_respect_gibbs_inequality_and_training_helps(toy_run):
 def test_load_model_reproduces_the_reported_exact_likelihood(toy_run):
     run_dir, _ = toy_run
     gen_sde = load_model(os.path.join(run_dir, "checkpoint.pt"))
-    x = sample_swiss_roll(400, 0.5, torch.Generator().manual_seed(HELD_OUT_SEED))
+    x = sample_swiss_roll(400, 0.5, held_out_generator())
     logp, _ = ode_log_likelihood(gen_sde, x)
     assert logp.mean().item() == pytest.approx(records(run_dir)[-1]["ode"], abs=1e-6)
 
@@ -93,15 +93,20 @@ def test_rerunning_a_finished_run_changes_nothing_and_a_cosine_schedule_cannot_b
 def test_compile_trains_with_inductor_like_eager_and_saves_the_original_network(tmp_path):
     """--compile=True with torch.compile's default backend (inductor, which builds C++ kernels with gcc:
     about 10 s on a 2-core CPU for this MLP). Inductor fuses operations, so float32 results agree to
-    rounding, not bit for bit."""
+    rounding, not bit for bit. Adam divides each gradient by its own running scale, so a coordinate whose
+    gradient is itself at rounding level (near zero) can move by up to lr per step in either run: such rare
+    coordinates may differ by 2 steps x lr, every other one agrees to float32 rounding."""
     tiny = [f"--saveroot={tmp_path}", "--num_iterations=2", "--print_every=1", "--sample_every=100", "--num_steps=4",
-            "--num_eval=40", "--elbo_repeats=2", "--num_samples=20", "--width=16", "--depth=1", "--lambdas=0.5",
+            "--num_eval=40", "--elbo_repeats=2", "--num_samples=20", "--width=16", "--depth=1", "--lmbd=0.5",
             "--batch_size=32", "--lr_schedule=constant", "--warmup=0", "--device=cpu"]
     train_toy.main([*tiny, "--expname=eager"])
     train_toy.main([*tiny, "--expname=compiled", "--compile=True"])
     eager, compiled = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=True) for run in ("eager", "compiled"))
     assert compiled["model_state"].keys() == eager["model_state"].keys()  # no '_orig_mod.' prefixes
+    lr = 2e-3  # train_toy.py's default; 2 iterations
     for name, w in eager["model_state"].items():
-        torch.testing.assert_close(compiled["model_state"][name], w, rtol=1e-4, atol=1e-6)
+        diff = (compiled["model_state"][name] - w).abs()
+        assert diff.max().item() <= 2 * lr, name
+        assert (diff <= 1e-6 + 1e-4 * w.abs()).float().mean().item() >= 0.99, name
     for c, e in zip(records(tmp_path / "compiled"), records(tmp_path / "eager")):
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-5)

@@ -1,23 +1,33 @@
-"""An MLP drift network a(y, s) for flat data (toy 2-D points and any (B, D) tensor).
+"""The MLP drift network a(y, s) for flat data (toy 2-D points and any (B, D) tensor).
 
-    MLPDrift(dim=2, width=256, depth=3, ...)(y, s) -> a, shaped like y
+    MLPDrift(dim=2, width=256, depth=3, local_std=0.05)(y, s) -> a
     y: (B, D) state of the forward (inference) VP SDE at forward time s
     s: (B,) forward time in [0, T]
+    a: (B, D)
 
-The module is the inference DRIFT a(y, s) of lib/sdes.py, not the score (score = a / g). What the
-hidden layers actually predict is set by ``output``:
+The module is the inference DRIFT a(y, s) of lib/sdes.py, not the score (score = a / g). It is
+"preconditioned": the hidden layers predict F(y, s) and
 
-    "drift"          a = F(y, s)
-    "eps"            a = -g(s) / sigma(s) * F(y, s)                       (noise prediction, DDPM)
-    "preconditioned" a = -g(s) / sqrt(sigma(s)^2 + local_std^2) * F(y, s)
+    a = -g(s) / sqrt(sigma^2(s) + local_std^2) * F(y, s)
 
-Why "preconditioned": the ELBO gap is 1/2 int E|a - a*|^2 ds and most of it sits at small s, where the
-data (here a thin swiss roll of noise scale local_std) makes the score of order 1 / local_std. With the
-factor above, F = -score * sqrt(sigma^2 + local_std^2) is O(1) at every s, so one set of weights serves
-every noise level; "eps" (local_std = 0) instead forces F -> 0 like sigma as s -> 0, which the network
-can only do approximately, and 1 / sigma amplifies the remainder. The constructor takes only plain
-numbers and strings, so a checkpoint's {"name", "kwargs"} rebuilds it; beta_min/beta_max must match
-the SDE the model is trained with (they set g and sigma).
+with g and sigma^2 from lib.sdes.VariancePreservingSDE(beta_min, beta_max). Why: the ELBO gap is
+1/2 int E|a - a*|^2 ds and most of it sits at small s, where the data (here a thin swiss roll of noise
+scale local_std) makes the score of order 1 / local_std. With the factor above, F = -score *
+sqrt(sigma^2 + local_std^2) is O(1) at every s, so one set of weights serves every noise level. The
+eps-parameterisation (local_std = 0) instead forces F -> 0 like sigma as s -> 0, which the network can
+only do approximately, and 1 / sigma amplifies the remainder.
+
+Time enters as sinusoids of u = log(sigma^2(s) + local_std^2) rather than of s: the likelihood is
+decided at small s, which a function of s squeezes into a sliver of [0, T] and u spreads out. The
+features are concatenated to y at the input; the rest is a plain SiLU MLP.
+
+This is the configuration lib/toy_task.py builds. FiLM conditioning, residual blocks, LayerNorm,
+sinusoids of raw s, the "drift"/"eps" outputs and random Fourier features of y were removed as
+unreachable. Checkpoints from before that still load: their state dicts differ only by an empty
+``y_freqs`` buffer (no Fourier features), which loading drops.
+
+The constructor takes only plain numbers, so a checkpoint's {"name", "kwargs"} rebuilds it;
+beta_min/beta_max must match the SDE the model is trained with (they set g and sigma).
 """
 import math
 
@@ -25,16 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-TIME_EMBEDS = ("sinusoid", "log_sigma")
-CONDITIONINGS = ("concat", "film")
-OUTPUTS = ("drift", "eps", "preconditioned")
-NORMS = ("none", "layer")
-
-
-def _check_choice(value, allowed, name):
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
-    return value
+from lib.sdes import VariancePreservingSDE
 
 
 def sinusoid(u, dim, min_freq, max_freq):
@@ -46,136 +47,90 @@ def sinusoid(u, dim, min_freq, max_freq):
 
 
 class Block(nn.Module):
-    """One hidden layer, optionally residual: h (B, W), temb (B, E) -> (B, W).
+    """One hidden layer: h (B, W) -> silu(linear(h)) (B, W).
 
-    FiLM: the time embedding sets a per-unit scale and shift of the pre-activation, so each noise
-    level can re-purpose units (a concatenated time input can only shift them).
+    A module of its own only so that parameter names (blocks.<i>.linear.*) match existing checkpoints.
     """
 
-    def __init__(self, width, temb_dim, conditioning, residual, norm):
+    def __init__(self, width):
         super().__init__()
-        self.conditioning = conditioning
-        self.residual = residual
-        self.norm = nn.LayerNorm(width) if norm == "layer" else nn.Identity()
         self.linear = nn.Linear(width, width)
-        self.film = nn.Linear(temb_dim, 2 * width) if conditioning == "film" else None
-        if residual:
-            self.out = nn.Linear(width, width)
-            # Start each residual branch at zero so the initial network is a shallow, well-conditioned map.
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
 
-    def forward(self, h, temb):
-        z = self.linear(self.norm(h))
-        if self.film is not None:
-            scale, shift = self.film(temb).chunk(2, dim=1)  # (B, W) each
-            z = z * (1 + scale) + shift
-        z = F.silu(z)
-        return h + self.out(z) if self.residual else z
+    def forward(self, h):
+        return F.silu(self.linear(h))
 
 
 class MLPDrift(nn.Module):
-    """Time-conditioned MLP for the VP-SDE drift a(y, s): y (B, D), s (B,) -> (B, D).
+    """Preconditioned, log-sigma-conditioned MLP for the VP-SDE drift a(y, s): y (B, D), s (B,) -> (B, D).
 
-    Args (all plain types, so the kwargs round-trip through JSON):
+    Args (all plain numbers, so the kwargs round-trip through JSON):
         dim: data dimension D.
         width: hidden units per layer.
-        depth: hidden blocks after the input layer (depth=2 without residual is a 3-hidden-layer MLP).
-        time_embed: "sinusoid" (DDPM sinusoids of time_scale * s) or "log_sigma" (sinusoids of
-            log(sigma^2(s) + local_std^2), which spreads out the small-s region where the likelihood is decided).
-        time_dim: number of sinusoidal features (even).
-        time_scale: multiplies s for "sinusoid"; the DDPM frequencies were built for steps 0..999.
-        conditioning: "concat" (embedding concatenated to y at the input) or "film" (scale/shift per block).
-        residual: residual blocks with zero-initialised branches.
-        norm: "none" or "layer" (LayerNorm before each block's linear layer).
-        output: "drift", "eps" or "preconditioned" (see the module docstring).
-        local_std: the noise floor of "preconditioned" (the data's small-scale spread).
-        y_fourier, y_fourier_scale, y_fourier_seed: number of random Fourier features [sin, cos](2 pi y W),
-            W ~ N(0, scale^2), appended to y (0: none); the seed makes W a function of the kwargs.
-        beta_min, beta_max: the VP schedule, needed for g and sigma by "eps"/"preconditioned"/"log_sigma".
+        depth: hidden blocks after the input layer (depth=2 is a 3-hidden-layer MLP).
+        local_std: the data's small-scale spread: the noise floor of the output scale and of the time
+            embedding (see the module docstring).
+        beta_min, beta_max: the VP schedule, which sets g and sigma.
+        time_dim: number of sinusoidal time features (even).
     """
 
-    def __init__(self, dim=2, width=128, depth=2, time_embed="log_sigma", time_dim=64, time_scale=1000.0,
-                 conditioning="concat", residual=False, norm="none", output="preconditioned", local_std=0.05,
-                 y_fourier=0, y_fourier_scale=4.0, y_fourier_seed=0, beta_min=0.1, beta_max=20.0):
+    def __init__(self, dim=2, width=128, depth=2, local_std=0.05, beta_min=0.1, beta_max=20.0, time_dim=64):
         super().__init__()
+        for name, value in (("dim", dim), ("width", width), ("depth", depth)):
+            if value < 1 or value != int(value):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if time_dim < 2 or time_dim != int(time_dim) or time_dim % 2:
+            raise ValueError(f"time_dim must be an even integer >= 2 (sin and cos per frequency), got {time_dim!r}")
+        if not local_std >= 0:  # also refuses NaN
+            raise ValueError(f"local_std must be >= 0, got {local_std!r}")
         self.dim = int(dim)
-        self.time_embed = _check_choice(time_embed, TIME_EMBEDS, "time_embed")
-        self.conditioning = _check_choice(conditioning, CONDITIONINGS, "conditioning")
-        self.output = _check_choice(output, OUTPUTS, "output")
-        _check_choice(norm, NORMS, "norm")
-        if time_dim % 2:
-            raise ValueError(f"time_dim must be even, got {time_dim}")
-        if width < 1 or depth < 1:
-            raise ValueError(f"width and depth must be >= 1, got width={width}, depth={depth}")
-        if local_std < 0:
-            raise ValueError(f"local_std must be >= 0, got {local_std}")
-        if y_fourier < 0 or y_fourier_scale <= 0:
-            raise ValueError(f"need y_fourier >= 0 and y_fourier_scale > 0, got {y_fourier}, {y_fourier_scale}")
         self.time_dim = int(time_dim)
-        self.time_scale = float(time_scale)
         self.local_std = float(local_std)
-        self.beta_min = float(beta_min)
-        self.beta_max = float(beta_max)
+        # A plain attribute (VariancePreservingSDE is not a Module): it holds only floats, so it adds
+        # nothing to the state dict and follows .to() / .double() for free. It also validates the betas.
+        self.sde = VariancePreservingSDE(beta_min, beta_max)
 
-        temb_dim = width
-        if conditioning == "film":
-            self.temb = nn.Sequential(nn.Linear(self.time_dim, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
-        else:
-            # Concatenating the raw sinusoids costs one (D + time_dim) x width layer; a separate embedding MLP
-            # would double the cost of a small network for no measured gain (benchmarks/toy_study.py).
-            self.temb = None
-        # Random Fourier features of y (Tancik et al. 2020): an MLP on raw coordinates is slow to fit functions
-        # that vary on a scale much finer than the data's extent (the score near s = 0 varies on local_std).
-        # Drawn from their own seeded generator, so the kwargs alone rebuild them; kept in the state dict too.
-        gen = torch.Generator().manual_seed(int(y_fourier_seed))
-        self.register_buffer("y_freqs", float(y_fourier_scale) * torch.randn(self.dim, int(y_fourier), generator=gen))
-        in_dim = self.dim + 2 * int(y_fourier) + (self.time_dim if conditioning == "concat" else 0)
-        self.inp = nn.Linear(in_dim, width)
-        self.blocks = nn.ModuleList(Block(width, temb_dim, conditioning, residual, norm) for _ in range(depth))
-        self.final_norm = nn.LayerNorm(width) if norm == "layer" else nn.Identity()
-        self.head = nn.Linear(width, self.dim)
-
-    def beta(self, s):
-        return self.beta_min + (self.beta_max - self.beta_min) * s
-
-    def sigma2(self, s):
-        """sigma^2(s) = 1 - exp(-B(s)) of the VP SDE, via expm1 (no float32 underflow at small s)."""
-        B = self.beta_min * s + 0.5 * (self.beta_max - self.beta_min) * s ** 2
-        return -torch.expm1(-B)
+        # Concatenating the raw sinusoids costs one (D + time_dim) x width layer; a separate time-embedding
+        # MLP would double the cost of a small network.
+        self.inp = nn.Linear(self.dim + self.time_dim, int(width))
+        self.blocks = nn.ModuleList(Block(int(width)) for _ in range(int(depth)))
+        self.head = nn.Linear(int(width), self.dim)
 
     def time_features(self, s):
         """(B,) -> (B, time_dim)."""
-        if self.time_embed == "sinusoid":
-            return sinusoid(self.time_scale * s, self.time_dim, 1e-4, 1.0)
         # Noise below the data's own spread local_std barely changes p_s, so the embedding flattens there:
-        # u = log(sigma^2 + local_std^2) runs from log(local_std^2) (-6 for 0.05) to ~0, with periods ~0.8 to ~50.
-        u = torch.log(self.sigma2(s) + max(self.local_std, 1e-3) ** 2)
+        # u = log(sigma^2 + local_std^2) runs from log(local_std^2) (-6 for 0.05) to ~0, with periods ~0.8
+        # to ~50. The 1e-3 floor keeps u finite at s = 0 when local_std = 0.
+        u = torch.log(self.sde.var(s) + max(self.local_std, 1e-3) ** 2)
         return sinusoid(u, self.time_dim, 1.0 / 8, 8.0)
 
     def net(self, y, s):
-        """The raw network output F(y, s): (B, D)."""
-        feats = self.time_features(s)  # (B, time_dim)
-        if self.y_freqs.shape[1]:
-            proj = 2 * math.pi * y @ self.y_freqs  # (B, y_fourier)
-            y = torch.cat([y, torch.sin(proj), torch.cos(proj)], dim=1)  # (B, D + 2 y_fourier)
-        if self.temb is None:
-            h, act_temb = self.inp(torch.cat([y, feats], dim=1)), None
-        else:
-            h, act_temb = self.inp(y), F.silu(self.temb(feats))  # (B, W), (B, W)
-        h = F.silu(h)
+        """The raw network output F(y, s): y (B, D), s (B,) -> (B, D)."""
+        h = F.silu(self.inp(torch.cat([y, self.time_features(s)], dim=1)))  # (B, W)
         for block in self.blocks:
-            h = block(h, act_temb)
-        return self.head(self.final_norm(h))
+            h = block(h)
+        return self.head(h)
 
     def output_scale(self, s):
-        """The factor c(s) in a = c(s) F(y, s): (B,)."""
-        if self.output == "drift":
-            return torch.ones_like(s)
-        floor = 0.0 if self.output == "eps" else self.local_std ** 2
-        return -self.beta(s).sqrt() / (self.sigma2(s) + floor).sqrt()
+        """The factor c(s) = -g(s) / sqrt(sigma^2(s) + local_std^2) in a = c(s) F(y, s): (B,) -> (B,)."""
+        return -self.sde.beta(s).sqrt() / (self.sde.var(s) + self.local_std ** 2).sqrt()
 
     def forward(self, y, s):
-        if y.dim() != 2 or s.shape != (y.shape[0],):
-            raise ValueError(f"expected y (B, D) and s (B,), got {tuple(y.shape)} and {tuple(s.shape)}")
+        """y (B, D), s (B,) -> a (B, D)."""
+        if y.dim() != 2 or y.shape[1] != self.dim or s.shape != (y.shape[0],):
+            raise ValueError(f"expected y (B, {self.dim}) and s (B,), got {tuple(y.shape)} and {tuple(s.shape)}")
         return self.output_scale(s)[:, None] * self.net(y, s)  # (B, 1) broadcasts over D
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # Checkpoints written before the pruning carry a buffer y_freqs (D, y_fourier) of random Fourier
+        # features of y; it is empty (y_fourier = 0) for every configuration this module still computes.
+        # Drop an empty one so such checkpoints load strictly; refuse a non-empty one, whose weights
+        # expect inputs this module no longer builds.
+        legacy = state_dict.pop(prefix + "y_freqs", None)
+        if legacy is not None and legacy.numel():
+            error_msgs.append(
+                f"{prefix}y_freqs has shape {tuple(legacy.shape)}: the checkpoint was trained with "
+                f"y_fourier={legacy.shape[-1]} random Fourier features of y, which MLPDrift no longer supports "
+                "(only y_fourier=0 checkpoints load)")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)

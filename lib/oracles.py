@@ -1,8 +1,10 @@
-"""Closed forms for Gaussian data x ~ N(m, s0^2 I) diffused by the VP SDE.
+"""Closed forms for Gaussian data and Gaussian mixtures diffused by the VP SDE: the oracles that the
+unit tests (tests/) and the benchmarks (benchmarks/) compare the library's estimators with.
 
-Y_s | x ~ N(alpha x, sigma^2 I), so the marginal is p_s = N(alpha m, v(s) I) with
-v(s) = alpha^2 s0^2 + sigma^2: the score, the drift a = g * score, the ELBO and the
-probability-flow likelihood are all exact.
+Gaussian data x ~ N(m, s0^2 I): Y_s | x ~ N(alpha x, sigma^2 I), so the marginal is p_s = N(alpha m, v(s) I)
+with v(s) = alpha^2 s0^2 + sigma^2: the score, the drift a = g * score, the ELBO and the probability-flow
+likelihood are all exact. A mixture of isotropic Gaussians stays one when diffused, so its log-density and
+exact drift are known too (IsotropicGaussianMixture).
 """
 import math
 
@@ -35,7 +37,7 @@ def gaussian_log_prob(x, mean, var):
 
 
 def expected_elbo(sde, x, mean, std, T=None):
-    """E[ELBO(x)] = log p(x) + E_{Y_T|x}[log N(Y_T; 0, I) - log p_T(Y_T)] (DESIGN.md section 3). (B,)"""
+    """E[ELBO(x)] = log p(x) + E_{Y_T|x}[log N(Y_T; 0, I) - log p_T(Y_T)] (docs/math.md section 3). (B,)"""
     T = sde.T if T is None else T
     d = x[0].numel()
     t = torch.tensor(T, dtype=torch.float64)
