@@ -13,14 +13,18 @@ Images are dequantized x = (k + u) / 256 and, for runs trained with --real=True,
 the log-determinant added, exactly as in training; bpd = -log p(x) / (D ln 2) + 8. Toy runs report nats
 on the fixed held-out swiss roll with the true log-likelihood and the paired gap. Every figure comes with
 its standard error (std / sqrt(N)). `python evaluate.py elbo --help` lists a method's flags.
+Exit status 1, one line on stderr, for bad input (checkpoint, data, --output, non-finite values); --output is atomic.
 """
 from lib.checkpoint import CheckpointError
 from lib.config import (ArgumentParser, ConfigError, HelpFormatter, device_name, fail, positive_float, positive_int,
                         resolve_device, seed_value)
-from lib.evaluation import ELBO_ESTIMATORS
+from lib.evaluation import ELBO_ESTIMATORS, NonFiniteError
+from lib.files import check_writable_file, reason
 from lib.image_data import DatasetNotFoundError
 from lib.likelihood_report import DIVERGENCES, describe, evaluate, write_report
+from lib.ode import ODESolveError
 from lib.saved_run import open_run
+from lib.sdes import ELBO_TIMES
 
 PROG = "evaluate.py"
 
@@ -44,6 +48,9 @@ def parse_args(argv=None):
                               help="the ELBO of the reverse SDE (λ=0)", description="The ELBO of the reverse SDE (λ=0).")
     elbo.add_argument("--estimator", choices=list(ELBO_ESTIMATORS), default="elbo",
                       help="elbo: the low-variance estimator; random_t_slice: sdeflow-light's")
+    elbo.add_argument("--num_times", type=positive_int, default=ELBO_TIMES,
+                      help="elbo: stratified times per example of each draw (4 or more also estimate the "
+                           "estimator's own noise)")
     elbo.add_argument("--elbo_repeats", type=positive_int, default=None,
                       help="independent draws averaged per example (default: the run's --elbo_repeats for the "
                            "toy, 1 for images)")
@@ -62,10 +69,16 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
+        if args.output:
+            check_writable_file(args.output, "--output")  # before the evaluation, which can take hours
         report = evaluate(open_run(args.checkpoint, device), args, device)
         if args.output:
-            write_report(report, args.output)
-    except (ConfigError, CheckpointError, DatasetNotFoundError, OSError) as err:
+            try:
+                write_report(report, args.output)
+            except OSError as err:
+                raise ConfigError(f"cannot write {args.output} ({reason(err)}); the report was: "
+                                  f"{describe(report)}") from None
+    except (ConfigError, CheckpointError, DatasetNotFoundError, NonFiniteError, ODESolveError, OSError) as err:
         fail(f"{PROG}: error: {err}")
     print(describe(report))
 

@@ -16,12 +16,17 @@ Writes into --outdir (default <run folder>/samples_<sampler>): lambda_<λ>.png p
 for the toy a scatter of the samples over fresh swiss-roll data) and samples.csv with λ, sampler,
 steps, NFE (network evaluations), seconds and, for the toy, the sliced Wasserstein-2 distance to fresh
 data next to the same distance between two fresh data sets (its floor). The table is also printed.
+Exit status 1, one line on stderr, for bad input (checkpoint, --outdir, non-finite samples); files are written whole.
 """
 import os
 
 from lib.checkpoint import CheckpointError
-from lib.config import (ArgumentParser, ConfigError, HelpFormatter, device_name, fail, lambda_list, nonnegative_int,
-                        positive_float, positive_int, resolve_device, seed_value, str2bool)
+from lib.config import (ArgumentParser, ConfigError, HelpFormatter, check_writable_dir, device_name, fail,
+                        lambda_list, nonnegative_int, positive_float, positive_int, resolve_device, seed_value,
+                        str2bool)
+from lib.evaluation import NonFiniteError
+from lib.files import WriteError
+from lib.ode import ODESolveError
 from lib.sample_sweep import format_table, sweep
 from lib.samplers import PREDICTORS
 from lib.saved_run import open_run
@@ -72,8 +77,9 @@ def main(argv=None):
         device = resolve_device(args.device)
         run = open_run(args.checkpoint, device)
         outdir = args.outdir or os.path.join(run.dir, f"samples_{args.sampler}")
+        check_writable_dir(outdir, "--outdir")  # before sampling, which can take long
         rows = sweep(run, args, device, outdir)
-    except (ConfigError, CheckpointError, OSError) as err:
+    except (ConfigError, CheckpointError, NonFiniteError, ODESolveError, WriteError, OSError) as err:
         fail(f"{PROG}: error: {err}")
     print(format_table(rows))
     print(f"wrote {len(rows)} figure(s) and samples.csv to {outdir}")

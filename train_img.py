@@ -9,14 +9,15 @@ Data are read by torchvision's MNIST / CIFAR10 classes from --dataroot (CIFAR-10
 holds args.json, log.txt (one line per evaluation: iteration, loss, BPD ± standard error),
 metrics.jsonl, TensorBoard events (loss, bpd, bpd_std_err, samples), sample grids and
 checkpoint.pt; rerunning the same command resumes from the checkpoint.
+Exit status: 0 done, 1 error (one line on stderr), 75 stopped by SIGTERM/SIGUSR1 after checkpointing (rerun to resume).
 
 Several GPUs, on one machine or several, train data-parallel under torchrun (rank 0 writes the run
 folder; --batch_size stays the global batch, split across the processes):
 
     torchrun --standalone --nproc_per_node=8 train_img.py --dataset=cifar --amp=True --compile=True
 """
-from lib.config import (ArgumentParser, add_training_args, multiple_of, nonnegative_int, positive_int, str2bool,
-                        unit_interval)
+from lib.config import (ArgumentParser, add_training_args, dropout_rate, multiple_of, nonnegative_int, positive_int,
+                        str2bool, unit_interval)
 from lib.evaluation import ELBO_ESTIMATORS
 from lib.training import run
 
@@ -34,6 +35,9 @@ def parse_args(argv=None):
                    help="evaluate bits/dim on the first N test images only (default: the whole test set)")
     p.add_argument("--elbo_estimator", choices=tuple(ELBO_ESTIMATORS), default="elbo",
                    help="bits/dim from PluginReverseSDE.elbo (low variance) or sdeflow-light's random_t_slice")
+    p.add_argument("--elbo_times", type=positive_int, default=8,
+                   help="stratified times per test image of the in-run .elbo (evaluate.py uses 32 by default); 4 or more "
+                        "also report the estimator's own share of the standard error")
     p.add_argument("--real", type=str2bool, default=True, help="True: model logit(alpha + (1 - 2 alpha) x)")
     p.add_argument("--lmbd", type=unit_interval, default=0.0, help="λ of the sampler for the sample grids")
     p.add_argument("--num_samples", type=positive_int, default=64, help="images per sample grid")
@@ -43,6 +47,11 @@ def parse_args(argv=None):
                         "without reordering (a CIFAR-10 batch-64 step 1.3x faster on a 2-core CPU)")
     p.add_argument("--ch", type=multiple_of(32), default=None,
                    help="U-Net base channels (default: 32 for MNIST, 128 for CIFAR-10; a multiple of 32)")
+    p.add_argument("--precond", type=str2bool, default=True,
+                   help="True: the U-Net is preconditioned by the training set's statistics (lib/models/precond.py); "
+                        "False: it outputs the raw drift, as sdeflow-light's does")
+    p.add_argument("--dropout", type=dropout_rate, default=None,
+                   help="U-Net dropout (default: 0 for MNIST, 0.1 for CIFAR-10)")
     return p.parse_args(argv)
 
 

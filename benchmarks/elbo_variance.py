@@ -26,6 +26,8 @@ widths, on --shape), where the network's cost dominates as in real use. The defa
 minutes on 2 CPU cores. The figures also go to benchmarks/results/elbo_variance.json (--json PATH).
 """
 import argparse
+import contextlib
+import functools
 import math
 import os
 import sys
@@ -154,6 +156,10 @@ def main():
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint", default=None, help="also measure a trained image model (train_img.py checkpoint)")
+    p.add_argument("--dataroot", default=None, help="its data (default: the run's --dataroot)")
+    p.add_argument("--images", type=int, default=16, help="test images of the trained-model section")
+    p.add_argument("--trained_repeats", type=int, default=16, help="draws per image in the trained-model section")
     add_json_arg(p, "elbo_variance")
     args = p.parse_args()
     for name in ("components", "examples", "repeats", "chunk", "time_batch", "time_rounds", "unet_rounds", "mc",
@@ -191,7 +197,7 @@ def main():
                "oracle_max_stderr_nats": oracle_se.max().item(), "drifts": {}}
 
     gens = {name: PluginReverseSDE(sde, drift, sde.T).eval() for name, drift in drifts.items()}
-    estimators = {(name, k): getattr(g, k) for name, g in gens.items() for k in ESTIMATORS}
+    estimators = {(name, k): one_time(g, k) for name, g in gens.items() for k in ESTIMATORS}
     est = {}
     for key, f in estimators.items():
         torch.manual_seed(args.seed + 2)
@@ -240,7 +246,7 @@ def main():
         unet = UNet(C, H, ch=32, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(16,)).to(device, dtype).eval()
         gen_sde = PluginReverseSDE(sde, unet, sde.T).eval()
         xt = x.repeat(math.ceil(args.unet_batch / args.examples), 1, 1, 1)[:args.unet_batch]
-        secs = time_per_example({k: getattr(gen_sde, k) for k in ESTIMATORS}, xt, args.unet_rounds)
+        secs = time_per_example({k: one_time(gen_sde, k) for k in ESTIMATORS}, xt, args.unet_rounds)
         t_ratio = secs["elbo_random_t_slice"] / secs["elbo"]
         print(f"\nU-Net drift (ch=32, ch_mult=(1, 2, 2), {sum(p.numel() for p in unet.parameters())} parameters), "
               f"batch {args.unet_batch}, eval mode under no_grad")
@@ -252,7 +258,67 @@ def main():
         figures["unet"] = {"parameters": sum(p.numel() for p in unet.parameters()), "batch": args.unet_batch,
                            "seconds_per_example": secs, "time_ratio": t_ratio,
                            "variance_x_time_ratio": {name: r * t_ratio for name, r in summary.items()}}
+    if args.checkpoint:
+        figures["trained"] = trained_model(args)
     write_json("elbo_variance", figures, args, device)
+
+
+def one_time(gen_sde, name):
+    """The estimator `name` with one time per example: the mixture sections compare one draw with one draw."""
+    if name == "elbo":
+        return lambda x: gen_sde.elbo(x, num_times=1)
+    return getattr(gen_sde, name)
+
+
+TRAINED_TIMES = (1, 8, 16, 32)
+
+
+def trained_model(args):
+    """Per-image noise of the estimators on a trained image model (a train_img.py checkpoint), in bits/dim.
+
+    The first --images test images, each dequantised once (fixed u) and moved to model space as in training;
+    --trained_repeats independent draws per image of: the random t slice, and .elbo with 1, 8, 16 and 32
+    stratified times. Per-image std (RMS over images) in bpd, time per image (eval mode, no_grad), cost in
+    slices, and efficiency against the slice (variance x time, larger is better). The means agree (z-score).
+    """
+    from lib.image_files import cifar10_checksums
+    from lib.pixels import dequantize, to_model_space
+    from lib.saved_run import open_run
+
+    run = open_run(args.checkpoint, torch.device("cpu"))
+    gen_sde, task = run.gen_sde, run.task
+    folder = os.path.join(args.dataroot or task.args.dataroot, "cifar10")
+    checks = cifar10_checksums(folder) if task.args.dataset == "cifar" else contextlib.nullcontext()
+    with checks:
+        test_set = task.datasets(args.dataroot)[1]
+    k = torch.stack([test_set[i][0] for i in range(args.images)])  # (N, C, H, W) uint8
+    z, _ = to_model_space(dequantize(k, generator=torch.Generator().manual_seed(args.seed)), task.args.real)
+    to_bpd = 1 / (z[0].numel() * math.log(2))
+    estimators = {"elbo_random_t_slice": gen_sde.elbo_random_t_slice}
+    estimators.update({f"elbo, {K} times": functools.partial(gen_sde.elbo, num_times=K) for K in TRAINED_TIMES})
+    torch.manual_seed(args.seed + 3)
+    draws = {name: repeated_estimates(f, z, args.trained_repeats, args.images * 8).mul(to_bpd)
+             for name, f in estimators.items()}  # (R, N): -ELBO in bits/dim up to the offset
+    secs = time_per_example(estimators, z, args.unet_rounds)
+    slice_name = "elbo_random_t_slice"
+    ref_var, ref_mean = draws[slice_name].var(0).mean(), draws[slice_name].mean(0)
+    print(f"\ntrained model {args.checkpoint} (iteration {run.iteration}, {task.args.dataset}, logit space "
+          f"{task.args.real}): {args.images} test images, dequantisation fixed, {args.trained_repeats} draws each")
+    print(f"  {'estimator':22s} {'std/image (bpd)':>16s} {'ms/image':>9s} {'cost (slices)':>14s} "
+          f"{'efficiency':>11s} {'mean - slice mean (bpd)':>25s}")
+    out = {}
+    for name, d in draws.items():
+        var = d.var(0).mean()
+        diff = (d.mean(0) - ref_mean).mean().item()
+        diff_se = ((d.var(0) + draws[slice_name].var(0)) / args.trained_repeats).mean().sqrt().item() / math.sqrt(
+            args.images)
+        cost = secs[name] / secs[slice_name]
+        efficiency = (ref_var * secs[slice_name] / (var * secs[name])).item()
+        out[name] = {"std_per_image_bpd": var.sqrt().item(), "seconds_per_image": secs[name], "cost_in_slices": cost,
+                     "efficiency_vs_slice": efficiency, "bpd_minus_slice": -diff, "bpd_minus_slice_se": diff_se}
+        print(f"  {name:22s} {var.sqrt().item():16.4f} {secs[name] * 1e3:9.1f} {cost:14.2f} {efficiency:11.1f} "
+              f"{-diff:+14.4f} ± {diff_se:.4f}")
+    return out
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ checkpoint cannot run code. A checkpoint is a dict:
     kind                 'toy' or 'img' (lib.task: the task rebuilt from `args` by task_from_checkpoint)
     args                 the run's command-line arguments (plain types)
     model                {'name': registered drift network, 'kwargs': its constructor arguments}
-    sde                  VariancePreservingSDE keyword arguments
+    sde                  the SDE's name and constructor arguments (lib.sdes.build_sde; no name: VP)
     gen_sde              {'T', 'vtype', 'debias'}
     extra                task metadata (toy: noise; img: dataset, real, logit_alpha, shape)
     iteration            the last completed training iteration
@@ -27,8 +27,9 @@ import tempfile
 import torch
 
 from lib.distributed import broadcast_from_main
+from lib.files import PARTIAL_PREFIX
 from lib.models import build_drift
-from lib.sdes import PluginReverseSDE, VariancePreservingSDE
+from lib.sdes import PluginReverseSDE, build_sde
 from lib.task import LOOP_RESUMABLE_ARGS
 
 FORMAT = "sdeflow-checkpoint"
@@ -47,27 +48,57 @@ def save_checkpoint(path, state):
     fd, tmp = tempfile.mkstemp(prefix=_PARTIAL[0], suffix=_PARTIAL[1], dir=folder)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            out = _WriteErrors(fh)
+            try:
+                torch.save(state, out)
+            except RuntimeError:
+                if out.error is not None:  # a failed write (disk full) that torch reports as a stream error
+                    raise out.error from None
+                raise
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)  # atomic on POSIX within one filesystem
     except BaseException:
-        if os.path.exists(tmp):
+        try:
             os.remove(tmp)
+        except OSError:
+            pass  # the error that brought us here is the one to report
         raise
     _fsync_dir(folder)  # make the rename itself durable
 
 
+class _WriteErrors:
+    """A file for torch.save that remembers the first OSError of a write: torch's C++ writer can report a failed
+    write as a RuntimeError about stream positions, and the OSError (e.g. no space left) is the cause to report."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self.fh.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self):
+        self.fh.flush()
+
+    def fileno(self):
+        return self.fh.fileno()
+
+
 def remove_partial_writes(folder):
-    """Delete the temporary files of writes that a kill interrupted (the checkpoint itself is intact)."""
+    """Delete the temporary files of writes that a kill interrupted (checkpoint, figures, arguments: the files
+    they were to replace are intact)."""
     if not os.path.isdir(folder):
         return
     for name in os.listdir(folder):
-        if name.startswith(_PARTIAL[0]) and name.endswith(_PARTIAL[1]):
+        if (name.startswith(_PARTIAL[0]) and name.endswith(_PARTIAL[1])) or name.startswith(PARTIAL_PREFIX):
             try:
                 os.remove(os.path.join(folder, name))
-            except FileNotFoundError:
-                pass
+            except OSError:
+                pass  # left for a later run; it never stands in for a finished file
 
 
 def load_checkpoint(path, map_location="cpu"):
@@ -86,14 +117,19 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(
             f"{path} is not an sdeflow checkpoint; delete it to start afresh or pick another --expname"
         )
-    if state.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {state.get('version')}, this code reads {VERSION}")
+    version = state.get("version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > VERSION:
+        raise CheckpointError(f"{path} was written by a newer version of this code (checkpoint version {version}, "
+                              f"this code reads {VERSION}): update the code")
+    if version != VERSION:
+        raise CheckpointError(f"{path} has an unknown checkpoint version {version!r} (this code reads {VERSION}); "
+                              "it was not written by this code: use a run's checkpoint.pt")
     return state
 
 
 def build_gen_sde(state):
     """Rebuild the PluginReverseSDE described by a checkpoint (weights not loaded)."""
-    sde = VariancePreservingSDE(**state["sde"])
+    sde = build_sde(state["sde"])
     drift = build_drift(state["model"]["name"], state["model"]["kwargs"])
     cfg = state["gen_sde"]
     return PluginReverseSDE(sde, drift, cfg["T"], vtype=cfg["vtype"], debias=cfg["debias"])
@@ -107,9 +143,14 @@ def load_model(path, map_location="cpu"):
 def load_run(path, map_location="cpu"):
     """(load_model's PluginReverseSDE, the checkpoint dict): for tools that also need 'kind', 'args', 'extra'."""
     state = load_checkpoint(path, map_location=map_location)
-    gen_sde = build_gen_sde(state)
-    weights = state.get("ema_state") or state["model_state"]
-    gen_sde.a.load_state_dict(weights)  # strict: a mismatch is an error, never a silent partial load
+    try:
+        gen_sde = build_gen_sde(state)
+        weights = state.get("ema_state") or state["model_state"]
+        gen_sde.a.load_state_dict(weights)  # strict: a mismatch is an error, never a silent partial load
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # fields damaged or edited by hand
+        reason = (str(err).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} does not describe a model this code can build ({type(err).__name__}: "
+                              f"{reason}); use a checkpoint.pt written by train_toy.py or train_img.py") from None
     return gen_sde.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu").eval(), state
 
 
@@ -142,6 +183,8 @@ def check_same_run(state, args, task, path):
     saved, now = state.get("args"), vars(args)
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} holds no run arguments; delete it or pick another --expname")
+    # Runs written before an argument existed behaved as its legacy value.
+    saved, now = {**task.legacy_args, **saved}, {**task.legacy_args, **now}
     resumable = LOOP_RESUMABLE_ARGS | task.resumable_args
     if now.get("lr_schedule") == "cosine":  # the cosine's horizon is --num_iterations: it is part of the schedule
         resumable = resumable - {"num_iterations"}

@@ -11,6 +11,7 @@ import sys
 import torch
 
 from lib.hutchinson import VTYPES
+from lib.sdes import SDES
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -86,6 +87,21 @@ def multiple_of(k):
     return parse
 
 
+def nonnegative_float(value):
+    x = _parse(float, value, "a number")
+    if not (x >= 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return x
+
+
+def dropout_rate(value):
+    """A probability in [0, 1) (1 would drop everything)."""
+    x = _parse(float, value, "a number")
+    if not 0.0 <= x < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {value}")
+    return x
+
+
 def unit_interval(value):
     """A float in [0, 1] (a sampling lambda, an EMA decay)."""
     x = _parse(float, value, "a number")
@@ -143,6 +159,10 @@ def add_training_args(parser, defaults):
     parser.add_argument("--debias", type=str2bool, default=d["debias"],
                         help="True: draw s from the likelihood-weighting q(s); False: s ~ U[0, T]")
     parser.add_argument("--vtype", choices=VTYPES, default="rademacher", help="Hutchinson probe of the ELBO")
+    parser.add_argument("--sde", choices=tuple(SDES), default="vp",
+                        help="the forward SDE: vp (variance preserving) or subvp (Song et al. 2021's sub-VP)")
+    parser.add_argument("--grad_clip", type=nonnegative_float, default=d.get("grad_clip", 0.0),
+                        help="clip the gradient's global norm to this value before each step (0: no clipping)")
     parser.add_argument("--T0", type=positive_float, default=1.0, help="integration horizon T of the SDE")
     parser.add_argument("--print_every", type=positive_int, default=d["print_every"], help="evaluate and log")
     parser.add_argument("--sample_every", type=positive_int, default=d["sample_every"])

@@ -22,9 +22,12 @@ example in order and shards whole batches across ranks so that a gathered evalua
 exactly once, batched as in a single process.
 """
 import gzip
+import math
 import os
 import pickle
 import shutil
+import signal
+import struct
 from dataclasses import dataclass
 
 import torch
@@ -84,6 +87,13 @@ def load_image_datasets(name, dataroot, download=True):
     return train_set, test_set, INFO[name]
 
 
+def pixel_counts(dataset):
+    """(256,) int64: how often each 8-bit value occurs over all images of a data set returned by
+    ``load_image_datasets`` (read from the arrays torchvision holds, without decoding images one by one)."""
+    data = dataset.data
+    return torch.bincount(torch.as_tensor(data).reshape(-1).long(), minlength=256)
+
+
 def pixel_transform():
     """PIL image -> uint8 tensor (C, H, W) of the stored values; deterministic (no augmentation here).
 
@@ -105,7 +115,7 @@ def train_loader(train_set, batch_size, seed=0, start_iteration=0, num_workers=0
     sampler = EpochShuffleSampler(len(train_set), batch_size, seed=seed, start_batch=start_iteration, rank=rank,
                                   world_size=world_size)  # validates batch_size, rank and world_size
     return DataLoader(train_set, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=_private_generator(seed))
+                      generator=_private_generator(seed), worker_init_fn=_leave_stop_signals_to_the_parent)
 
 
 def test_loader(test_set, test_batch_size, num_workers=0, test_subset=None, rank=0, world_size=1, pin_memory=False):
@@ -125,10 +135,18 @@ def test_loader(test_set, test_batch_size, num_workers=0, test_subset=None, rank
     batches = [list(range(j * test_batch_size, min(n, (j + 1) * test_batch_size)))
                for j in range(rank, num_batches, world_size)]
     return DataLoader(test_set, batch_sampler=batches, num_workers=num_workers, pin_memory=pin_memory,
-                      generator=_private_generator(0))
+                      generator=_private_generator(0), worker_init_fn=_leave_stop_signals_to_the_parent)
 
 
 test_loader.__test__ = False  # not a test: keeps pytest from collecting it where a test module imports it
+
+
+def _leave_stop_signals_to_the_parent(worker_id):
+    """Loader workers ignore SIGTERM and SIGUSR1. A scheduler (SLURM) signals every process of a job, and a
+    worker killed by it makes torch fail the training process at once, before that can finish its iteration
+    and checkpoint (lib/training.py); the training process shuts its workers down itself."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _private_generator(seed):
@@ -192,9 +210,12 @@ def first_examples(dataset, n):
 
 # --- opening the data sets ---------------------------------------------------------------
 
-# What a missing, truncated or corrupted file makes torchvision (or pickle, gzip, numpy) raise.
-_UNREADABLE = (OSError, EOFError, RuntimeError, AssertionError, ValueError, TypeError, KeyError, IndexError,
-               pickle.UnpicklingError)
+# What a missing, truncated or corrupted file makes the readers raise: OSError (absent, unreadable, bad gzip),
+# EOFError (truncated gzip or pickle), RuntimeError (torchvision: not found, checksum; torch: a buffer of the
+# wrong size), ValueError (our checks below, torch.frombuffer), pickle.UnpicklingError. torchvision's MNIST
+# parser would also raise AssertionError, KeyError or TypeError on a damaged IDX header; _check_idx_files
+# refuses such headers first (as ValueError), so those types, which a bug raises too, are never caught.
+_UNREADABLE = (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError)
 
 _MNIST_FILES = [os.path.splitext(filename)[0] for filename, _ in MNIST.resources]  # the raw IDX names
 _CIFAR10_FILES = [f for f, _ in CIFAR10.train_list + CIFAR10.test_list] + [CIFAR10.meta["filename"]]
@@ -211,6 +232,7 @@ def _open_mnist(dataroot, download):
 
     def build():
         _gunzip_absent(folder, _MNIST_FILES)  # torchvision reads only the uncompressed files
+        _check_idx_files(folder)
         sets = tuple(MNIST(dataroot, train=train, transform=pixel_transform()) for train in (True, False))
         for s in sets:
             _check_images(s.data, s.targets, INFO["mnist"], channels_last=False)
@@ -283,6 +305,28 @@ def _message(title, folder, expected, how, files, present, load_error, download_
         head = f"{title} not found in {folder}" + (f" (missing: {', '.join(missing)})" if present else "")
     tail = f" (download failed: {download_error})" if download_error else ""
     return f"{head}: expected {expected}; {how}{tail}"
+
+
+def _check_idx_files(folder):
+    """ValueError naming the file for an IDX header that is not MNIST's (magic 2051 / 2049, uint8, 3 / 1
+    dimensions) or a size that does not match it. Absent files are left to torchvision's check."""
+    for name in _MNIST_FILES:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        dims = 3 if "images" in name else 1
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            header = fh.read(4 + 4 * dims)
+        if len(header) < 4 + 4 * dims:
+            raise ValueError(f"{name} holds {size} bytes, shorter than its header")
+        magic, *shape = struct.unpack(f">{1 + dims}I", header)
+        expected_magic = 0x0800 + dims  # uint8 data (0x08), `dims` dimensions
+        if magic != expected_magic:
+            raise ValueError(f"{name} starts with magic number {magic}, expected {expected_magic}")
+        expected_size = len(header) + math.prod(shape)
+        if size != expected_size:
+            raise ValueError(f"{name} holds {size} bytes, its header {shape} says {expected_size}")
 
 
 def _check_images(data, targets, info, channels_last):

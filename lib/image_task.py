@@ -12,9 +12,9 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from lib.config import ConfigError
-from lib.evaluation import elbo_estimator, summarize, test_set_bits_per_dim
-from lib.image_data import INFO, load_image_datasets, random_hflip, test_loader, train_loader
-from lib.pixels import LOGIT_ALPHA, dequantize, to_image, to_model_space
+from lib.evaluation import elbo_estimator, stratified_elbo, summary_with_noise, test_set_bits_per_dim
+from lib.image_data import INFO, load_image_datasets, pixel_counts, random_hflip, test_loader, train_loader
+from lib.pixels import LOGIT_ALPHA, dequantize, model_space_statistics, to_image, to_model_space
 from lib.rng import Stream, generator
 from lib.samplers import sample_lambda
 from lib.task import Task, device_of
@@ -29,7 +29,8 @@ UNET = {
 class ImageTask(Task):
     kind = "img"
     resumable_args = frozenset({"test_batch_size", "num_eval", "lmbd", "num_samples", "dataroot", "num_workers",
-                                "channels_last", "elbo_estimator"})
+                                "channels_last", "elbo_estimator", "elbo_times"})
+    legacy_args = {**Task.legacy_args, "precond": False, "dropout": None, "elbo_times": 1}
 
     @classmethod
     def from_stored_args(cls, args):
@@ -41,15 +42,24 @@ class ImageTask(Task):
 
     @property
     def model(self):
-        unet = dict(UNET[self.args.dataset])
+        """The DDPM U-Net of the data set (--ch, --dropout override its width and dropout): preconditioned by the
+        training set's statistics in model space (--precond=True, lib/models/precond.py), or the raw drift."""
+        unet = {"input_channels": self.info.channels, "input_height": self.info.height, **UNET[self.args.dataset]}
         if getattr(self.args, "ch", None) is not None:
             unet["ch"] = self.args.ch
-        return {"name": "unet", "kwargs": {"input_channels": self.info.channels, "input_height": self.info.height,
-                                           **unet}}
+        if self.args.dropout is not None:
+            unet["dropout"] = self.args.dropout
+        if not self.args.precond:
+            return {"name": "unet", "kwargs": unet}
+        mean, std, scale = self.data_statistics
+        sde = {k: v for k, v in self.sde.items() if k != "T"}  # the horizon is not part of alpha, sigma and g
+        return {"name": "precond_unet", "kwargs": {"unet": unet, "sde": sde, "data_mean": mean, "data_std": std,
+                                                   "data_scale": scale}}
 
-    @property
-    def sde(self):
-        return {"beta_min": 0.1, "beta_max": 20.0, "T": self.args.T0}
+    @functools.cached_property
+    def data_statistics(self):
+        """(mean, std, finest scale) of the dequantized training images in model space (lib.pixels)."""
+        return model_space_statistics(pixel_counts(self.datasets()[0]), self.args.real)
 
     @property
     def extra(self):
@@ -100,15 +110,21 @@ class ImageTask(Task):
     @torch.no_grad()
     def evaluate(self, gen_sde, iteration):
         """Bits/dim mean and standard error over the test examples, each counted once across ranks, with the
-        --elbo_estimator; noise seeded per (seed, EVALUATION, iteration, global test batch)."""
+        --elbo_estimator (.elbo with --elbo_times stratified times per image); noise seeded per
+        (seed, EVALUATION, iteration, global test batch)."""
         a = self.args
-        bpd = self._test_bits_per_dim(elbo_estimator(gen_sde, a.elbo_estimator), device_of(gen_sde),
-                                      (a.seed, Stream.EVALUATION, iteration), a.num_eval, a.test_batch_size,
-                                      shard=True)
-        return summarize("bpd", bpd)
+        with_noise = a.elbo_estimator == "elbo" and a.elbo_times >= 4
+        estimate = (stratified_elbo(gen_sde, a.elbo_times) if with_noise
+                    else elbo_estimator(gen_sde, a.elbo_estimator, num_times=a.elbo_times))  # the slice ignores it
+        out = self._test_bits_per_dim(estimate, device_of(gen_sde), (a.seed, Stream.EVALUATION, iteration),
+                                      a.num_eval, a.test_batch_size, shard=True, with_noise=with_noise)
+        return summary_with_noise("bpd", *(out if with_noise else (out, None)))
 
     def describe(self, iteration, loss, m):
-        return f"Iteration {iteration}  loss {loss:.4f}  BPD {m['bpd']:.4f} ± {m['bpd_std_err']:.4f}"
+        noise = f" (estimator {m['bpd_estimator_std_err']:.4f})" if "bpd_estimator_std_err" in m else ""
+        how = (f"elbo, {self.args.elbo_times} times/image" if self.args.elbo_estimator == "elbo"
+               else self.args.elbo_estimator)
+        return f"Iteration {iteration}  loss {loss:.4f}  BPD {m['bpd']:.4f} ± {m['bpd_std_err']:.4f}{noise}  [{how}]"
 
     def sample(self, gen_sde, iteration, logger):
         a = self.args
@@ -121,14 +137,17 @@ class ImageTask(Task):
 
     # --- tools -------------------------------------------------------------------------------------
 
-    def likelihood_report(self, estimate, name, device, seed, num_eval=None, batch_size=None, dataroot=None):
+    def likelihood_report(self, estimate, name, device, seed, num_eval=None, batch_size=None, dataroot=None,
+                          with_noise=False):
         """Bits/dim over the first `num_eval` test images (default all) under `dataroot` (default the run's), in
-        batches of `batch_size` (default the run's --test_batch_size)."""
+        batches of `batch_size` (default the run's --test_batch_size), and each image's."""
         # evaluate.py's batches draw from (seed, batch, part): the layout it had before the streams were named,
         # kept so that its figures for a given --seed stay what they were.
-        bpd = self._test_bits_per_dim(estimate, device, (seed,), num_eval, batch_size or self.args.test_batch_size,
-                                      dataroot=dataroot)
-        return {"unit": "bits/dim", "dataset": self.args.dataset, "num_images": bpd.numel(), **summarize("bpd", bpd)}
+        out = self._test_bits_per_dim(estimate, device, (seed,), num_eval, batch_size or self.args.test_batch_size,
+                                      dataroot=dataroot, with_noise=with_noise)
+        bpd, noise = out if with_noise else (out, None)
+        return {"unit": "bits/dim", "dataset": self.args.dataset, "num_images": bpd.numel(),
+                **summary_with_noise("bpd", bpd, noise), "bpd_per_image": bpd.tolist()}
 
     def default_elbo_repeats(self):
         return 1
@@ -142,7 +161,8 @@ class ImageTask(Task):
 
     # --- helpers -----------------------------------------------------------------------------------
 
-    def _test_bits_per_dim(self, estimate, device, seed, num_eval, batch_size, shard=False, dataroot=None):
+    def _test_bits_per_dim(self, estimate, device, seed, num_eval, batch_size, shard=False, dataroot=None,
+                           with_noise=False):
         test_set = self.datasets(dataroot)[1]
         if num_eval is not None and num_eval > len(test_set):
             raise ConfigError(f"--num_eval={num_eval} exceeds the {len(test_set)} test images in "
@@ -151,4 +171,4 @@ class ImageTask(Task):
         loader = test_loader(test_set, batch_size, num_workers=getattr(self.args, "num_workers", 0) if shard else 0,
                              test_subset=num_eval, rank=rank, world_size=world_size)
         return test_set_bits_per_dim(estimate, loader, self.args.real, device, seed=seed, rank=rank,
-                                     world_size=world_size)
+                                     world_size=world_size, with_noise=with_noise)

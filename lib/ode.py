@@ -5,6 +5,10 @@ from torchdiffeq import odeint
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 
 
+class ODESolveError(Exception):
+    """The adaptive solve could not proceed (its step size underflowed); the message is one line."""
+
+
 def check_ode_method(method):
     """Return method if it names an adaptive torchdiffeq solver, else raise ValueError listing them."""
     if method not in ADAPTIVE_METHODS:
@@ -19,10 +23,17 @@ def solve_to_end(func, state0, t_span, rtol, atol, method):
     ADAPTIVE_METHODS (callers check it with check_ode_method before any network evaluation).
     The last step lands exactly on t_span[-1]: by default the adaptive solvers step past the end and
     interpolate back, which would evaluate the drift outside [0, T] (forward time s < 0, where the VP
-    variance is negative).
+    variance is negative). ODESolveError when the step size underflows (a non-finite drift does that).
     """
-    solution = odeint(func, state0, t_span, rtol=rtol, atol=atol, method=method,
-                      options={"step_t": t_span[-1:]})
+    try:
+        solution = odeint(func, state0, t_span, rtol=rtol, atol=atol, method=method,
+                          options={"step_t": t_span[-1:]})
+    except AssertionError as err:
+        if "underflow in dt" not in str(err):  # torchdiffeq's only assertion about the solve itself
+            raise
+        raise ODESolveError(f"the adaptive ODE solve stopped: its step size underflowed ({err}), as it does when the "
+                            "network's outputs are non-finite (nan, inf) or the ODE is too stiff for rtol/atol; "
+                            "check the checkpoint (an earlier one?) or loosen --rtol/--atol") from None
     if isinstance(solution, tuple):
         return tuple(v[-1] for v in solution)
     return solution[-1]

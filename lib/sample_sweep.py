@@ -11,13 +11,19 @@ Every setting starts from the same prior draw (stream SAMPLE_PRIOR of --seed, li
 compare like with like; the sampler's own noise comes from stream SAMPLE_NOISE of (seed, λ), so a λ gives
 the same samples whichever list it is part of. NFE is counted on the network itself (a forward hook), for
 every sampler. What a figure shows, and the quality figures beside it, are the run's task's (save_samples).
+
+Every setting is drawn, and checked to be finite, before anything is written; each file is then written
+atomically, the table last, so a failure never leaves a half-written file or a table of a partial sweep.
 """
 import csv
+import io
 import os
 import time
 
 import torch
 
+from lib.evaluation import NonFiniteError
+from lib.files import atomic_path, cannot_write, write_text
 from lib.rng import Stream, generator
 from lib.samplers import sample_lambda, sample_ode, sample_pc
 
@@ -42,29 +48,53 @@ def sweep(run, opts, device, outdir):
 
     run: a lib.saved_run.SavedRun on `device`. Row keys: lambda, sampler, steps, nfe, seconds, and whatever
     quality figures the run's task computes on the samples (toy: sliced_wasserstein and its floor).
+    NonFiniteError (nothing written) if a setting's samples are not finite; WriteError if a file cannot be written.
     """
-    os.makedirs(outdir, exist_ok=True)
     y = torch.randn(opts.num_samples, *run.task.sample_shape, device=device,
                     generator=generator(opts.seed, Stream.SAMPLE_PRIOR, device=device))
     steps = getattr(opts, "num_steps", None) or "adaptive"
-    rows = []
+    drawn = []
     for lmbd in lambdas(opts):
         g = generator(opts.seed, Stream.SAMPLE_NOISE, round(lmbd * 1e6), device=device)
         nfe, seconds, x = _timed_and_counted(run.gen_sde, lambda: draw(run.gen_sde, y, opts, lmbd, g), device)
-        row = {"lambda": lmbd, "sampler": opts.sampler, "steps": steps, "nfe": nfe, "seconds": seconds}
-        how = f"{steps} steps" if steps != "adaptive" else f"adaptive, {nfe} NFE"
+        bad = int((~torch.isfinite(x.flatten(1)).all(1)).sum())
+        if bad:
+            raise NonFiniteError(f"the {opts.sampler} sampler at λ={lmbd:g} gave {bad} of {x.shape[0]} samples with "
+                                 f"non-finite values: the network in {opts.checkpoint} gives non-finite outputs or "
+                                 "the sampler is unstable; try an earlier checkpoint or more --num_steps")
+        drawn.append((lmbd, {"lambda": lmbd, "sampler": opts.sampler, "steps": steps, "nfe": nfe, "seconds": seconds},
+                      x.cpu()))
+    rows = []
+    hint = "free space or pick another --outdir"
+    try:
+        os.makedirs(outdir, exist_ok=True)
+    except OSError as err:
+        raise cannot_write(outdir, err, hint) from None
+    for lmbd, row, x in drawn:
+        how = f"{steps} steps" if steps != "adaptive" else f"adaptive, {row['nfe']} NFE"
         title = f"iteration {run.iteration}: {opts.sampler} sampler, λ={lmbd:g} ({how})"
-        row.update(run.task.save_samples(x, os.path.join(outdir, f"lambda_{lmbd:g}.png"), title, opts.seed))
+        path = os.path.join(outdir, f"lambda_{lmbd:g}.png")
+        try:
+            with atomic_path(path) as tmp:
+                row.update(run.task.save_samples(x, tmp, title, opts.seed))
+        except OSError as err:
+            raise cannot_write(path, err, hint) from None
         rows.append(row)
-    write_table(rows, os.path.join(outdir, "samples.csv"))
+    path = os.path.join(outdir, "samples.csv")
+    try:
+        write_table(rows, path)
+    except OSError as err:
+        raise cannot_write(path, err, hint) from None
     return rows
 
 
 def write_table(rows, path):
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    """rows as CSV at `path`, written atomically."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, text.getvalue())
 
 
 def format_table(rows):

@@ -253,3 +253,18 @@ def diffused_swiss_roll_score(y, alpha, var, noise=DEFAULT_NOISE):
     diff = alpha[:, None, None] * centers[None] - y[:, None, :]  # (B, N, 2)
     posterior = torch.softmax(log_w.to(y.device) - diff.square().sum(-1) / (2 * v[:, None]), dim=1)  # (B, N)
     return (posterior[:, :, None] * diff).sum(1) / v[:, None]
+
+
+class SwissRollDrift(torch.nn.Module):
+    """The exact inference drift a*(y, s) = g(s) grad log p_s(y) of the swiss roll diffused by `sde` (any SDE of
+    lib.sdes with alpha, sigma and g): y (B, 2), s (B,) -> (B, 2) in y's dtype. The optimal network, and the
+    control variate of the toy's ELBO (lib/toy_task.py)."""
+
+    def __init__(self, sde, noise=DEFAULT_NOISE):
+        super().__init__()
+        self.sde, self.noise = sde, noise
+
+    def forward(self, y, s):
+        s = s.expand(y.shape[0]) if s.dim() == 0 else s
+        score = diffused_swiss_roll_score(y, self.sde.mean_weight(s), self.sde.var(s), self.noise)
+        return (self.sde.g(s, y) * score).to(y.dtype)

@@ -24,10 +24,15 @@ class Task(abc.ABC):
 
     kind: str
     resumable_args = frozenset()  # this task's arguments that may change on resume (besides LOOP_RESUMABLE_ARGS)
+    # Arguments added after checkpoints were first written, with the value that reproduces what runs without them
+    # did: a stored run that lacks one is read (and resumed) with that value.
+    legacy_args = {"sde": "vp", "grad_clip": 0.0}
     channels_last = False  # keep the network (and so its activations) in channels_last memory format
 
     def __init__(self, args, rank=0, world_size=1):
-        self.args = args if isinstance(args, argparse.Namespace) else argparse.Namespace(**args)
+        if not isinstance(args, argparse.Namespace):
+            args = argparse.Namespace(**{**self.legacy_args, **args})
+        self.args = args
         self.rank, self.world_size = rank, world_size
 
     # --- what the checkpoint records ---------------------------------------------------------------
@@ -38,9 +43,9 @@ class Task(abc.ABC):
         """{'name': a registered drift network (lib.models), 'kwargs': its constructor arguments}."""
 
     @property
-    @abc.abstractmethod
     def sde(self):
-        """VariancePreservingSDE keyword arguments."""
+        """The SDE's spec (lib.sdes.build_sde): --sde with the schedule every task uses."""
+        return {"name": self.args.sde, "beta_min": 0.1, "beta_max": 20.0, "T": self.args.T0}
 
     @property
     def extra(self):

@@ -3,12 +3,12 @@
 Every sampler returns ``(s, density)`` so that importance weights stay visible
 at the call site: an unbiased estimate of int_0^T h(s) ds is h(s) / density(s).
 
-Two members of the family:
+The family:
   * ``UniformTimeSampler``: s ~ U[0, T].
-  * ``VPImportanceTimeSampler``: the "debiasing" distribution of Huang et al.
-    (2021) for the VP SDE, q(s) prop. to g(s)^2 / sigma(s)^2 for s >= t_epsilon and
-    flat below it. Training DSM with s ~ q (unweighted) is, up to a constant,
-    training with the ELBO's likelihood weighting.
+  * ``VPImportanceTimeSampler``, ``SubVPImportanceTimeSampler``: the "debiasing" distribution of Huang et
+    al. (2021) for the VP and sub-VP SDEs, q(s) prop. to g(s)^2 / sigma(s)^2 for s >= t_epsilon and flat
+    below it. Training DSM with s ~ q (unweighted) is, up to a constant, training with the ELBO's
+    likelihood weighting.
 """
 
 import torch
@@ -56,12 +56,13 @@ class UniformTimeSampler(TimeSampler):
         return torch.as_tensor(u) * self.T
 
 
-class VPImportanceTimeSampler(TimeSampler):
-    """q(s) prop. to beta(s) / (1 - exp(-B(s))) on [t_epsilon, T], constant q(t_epsilon) below.
+class _LinearBetaImportanceTimeSampler(TimeSampler):
+    """q(s) prop. to g(s)^2 / sigma(s)^2 on [t_epsilon, T], constant q(t_epsilon) below, for an SDE with
+    beta linear in s and B(s) = beta_min s + (beta_max - beta_min) s^2 / 2.
 
-    With B(s) = beta_min s + (beta_max - beta_min) s^2 / 2, the antiderivative of
-    beta / (1 - exp(-B)) is log(exp(B) - 1) = log_expm1(B), which gives the CDF
-    and its inverse in closed form (docs/math.md section 2).
+    g^2 / sigma^2 = beta(s) rate(B(s)), so with L an antiderivative of rate in B (dL/ds = beta rate) the CDF
+    above t_epsilon is (L(B(s)) - L(B(t_epsilon))) / Z plus the flat part's mass, and it inverts through L's
+    and B's inverses in closed form. Subclasses give rate, L and L^-1 (docs/math.md sections 2.3, 2.4).
     """
 
     def __init__(self, beta_min=0.1, beta_max=20.0, T=1.0, t_epsilon=1e-3):
@@ -76,11 +77,22 @@ class VPImportanceTimeSampler(TimeSampler):
         eps = torch.tensor(self.t_epsilon, dtype=torch.float64)
         B_eps = self._B(eps)
         # Unnormalised mass of the flat part [0, t_eps) and of the tail [t_eps, T].
-        self._q_eps = (self._beta(eps) / -torch.expm1(-B_eps)).item()
-        self._log_expm1_B_eps = _log_expm1(B_eps).item()
+        self._q_eps = (self._beta(eps) * self._rate(B_eps)).item()
+        self._L_eps = self._L(B_eps).item()
         self._flat_mass = self.t_epsilon * self._q_eps
-        tail = _log_expm1(self._B(torch.tensor(self.T, dtype=torch.float64))).item() - self._log_expm1_B_eps
+        tail = self._L(self._B(torch.tensor(self.T, dtype=torch.float64))).item() - self._L_eps
         self._Z = self._flat_mass + tail
+
+    def _rate(self, B):
+        """(g^2 / sigma^2) / beta as a function of B."""
+        raise NotImplementedError
+
+    def _L(self, B):
+        """An antiderivative of _rate in B."""
+        raise NotImplementedError
+
+    def _L_inverse(self, L):
+        raise NotImplementedError
 
     def _beta(self, s):
         return self.beta_min + (self.beta_max - self.beta_min) * s
@@ -97,7 +109,7 @@ class VPImportanceTimeSampler(TimeSampler):
     def density(self, s):
         s = torch.as_tensor(s)
         s64 = s.to(torch.float64).clamp(min=self.t_epsilon)
-        q = self._beta(s64) / -torch.expm1(-self._B(s64)) / self._Z
+        q = self._beta(s64) * self._rate(self._B(s64)) / self._Z
         inside = (s >= 0) & (s <= self.T)
         return torch.where(inside, q, torch.zeros_like(q)).to(_float_dtype(s))
 
@@ -105,18 +117,44 @@ class VPImportanceTimeSampler(TimeSampler):
         s = torch.as_tensor(s)
         s64 = s.to(torch.float64).clamp(0.0, self.T)
         flat = s64 * self._q_eps
-        tail = self._flat_mass + _log_expm1(self._B(s64.clamp(min=self.t_epsilon))) - self._log_expm1_B_eps
+        tail = self._flat_mass + self._L(self._B(s64.clamp(min=self.t_epsilon))) - self._L_eps
         return (torch.where(s64 < self.t_epsilon, flat, tail) / self._Z).to(_float_dtype(s))
 
     def icdf(self, u):
         u = torch.as_tensor(u)
         mass = u.to(torch.float64) * self._Z
         flat = mass / self._q_eps
-        # log_expm1(B) = L  <=>  B = log(1 + exp(L)) = softplus(L)
-        L = mass - self._flat_mass + self._log_expm1_B_eps
-        tail = self._B_inverse(torch.nn.functional.softplus(L))
+        tail = self._B_inverse(self._L_inverse(mass - self._flat_mass + self._L_eps))
         s = torch.where(mass < self._flat_mass, flat, tail)
         return s.clamp(0.0, self.T).to(_float_dtype(u))
+
+
+class VPImportanceTimeSampler(_LinearBetaImportanceTimeSampler):
+    """The VP SDE's q: g^2 / sigma^2 = beta / (1 - exp(-B)), whose antiderivative in B is
+    log(exp(B) - 1) = log_expm1(B), inverted by softplus."""
+
+    def _rate(self, B):
+        return 1.0 / -torch.expm1(-B)
+
+    def _L(self, B):
+        return _log_expm1(B)
+
+    def _L_inverse(self, L):
+        return torch.nn.functional.softplus(L)  # log_expm1(B) = L  <=>  B = log(1 + exp(L))
+
+
+class SubVPImportanceTimeSampler(_LinearBetaImportanceTimeSampler):
+    """The sub-VP SDE's q: g^2 / sigma^2 = beta (1 + exp(-B)) / (1 - exp(-B)), whose antiderivative in B is
+    2 log(exp(B) - 1) - B = 2 log(2 sinh(B / 2)), inverted as B = 2 asinh(exp(L / 2) / 2)."""
+
+    def _rate(self, B):
+        return (1.0 + torch.exp(-B)) / -torch.expm1(-B)
+
+    def _L(self, B):
+        return 2 * _log_expm1(B) - B
+
+    def _L_inverse(self, L):
+        return 2 * torch.asinh(torch.exp(0.5 * L) / 2)
 
 
 def _log_expm1(x):

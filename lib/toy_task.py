@@ -3,10 +3,19 @@
 Evaluation on a fixed held-out set reports log-likelihoods side by side (nats, mean ± standard error
 over the held-out points):
     true   quadrature of the swiss roll's density (lib/swiss_roll.py)
-    elbo   the model's ELBO (PluginReverseSDE.elbo, averaged over --elbo_repeats draws per point)
+    elbo   the model's ELBO (PluginReverseSDE.elbo with --elbo_times stratified times, averaged over
+           --elbo_repeats draws per point), with the exact drift's ELBO as a control variate (below)
     ode    at the end of the run, the exact log-likelihood along the probability-flow ODE (dopri5, exact
            2-D divergence)
 and the gaps elbo - true and ode - true, paired per point (so their standard errors are small).
+
+The control variate. On the swiss roll the ELBO's noise is the draw of Y_s at a given s, not the draw of s
+(stratifying s barely helps), and it is nearly the same for any drift close to the truth. So the exact drift
+a* (lib.swiss_roll.SwissRollDrift) is estimated on the very same draws (s, eps, probes), and
+    elbo(x) = log p(x) + ELBO_a(x) - ELBO_a*(x),
+whose mean is the model's ELBO minus delta(x) = E[log N(Y_T; 0, I) - log p_T(Y_T) | x], the exact drift's own
+gap, below alpha_T^2 E|x|^2 / 2 < 1e-4 nats. Measured on the default run (2000 points, 16 evaluations per
+point): the gap's standard error 0.003 nats, against 0.037 from 64 plain draws per point.
 """
 import functools
 
@@ -14,12 +23,13 @@ import matplotlib.pyplot as plt
 import torch
 
 from lib.config import ConfigError
-from lib.evaluation import repeated_mean, sliced_wasserstein, summarize
+from lib.evaluation import repeated_mean, sliced_wasserstein, summarize, summary_with_noise
 from lib.likelihood import ode_log_likelihood
 from lib.plotting import samples_figure, trajectories_figure
 from lib.rng import Stream, generator, held_out_generator
 from lib.samplers import sample_lambda
-from lib.swiss_roll import sample_swiss_roll, swiss_roll_log_density
+from lib.sdes import PluginReverseSDE
+from lib.swiss_roll import SwissRollDrift, sample_swiss_roll, swiss_roll_log_density
 from lib.task import Task, device_of
 
 SW_PROJECTIONS = 256  # a fixed number of directions and a fixed seed: the distance is a reproducible metric
@@ -29,7 +39,8 @@ VIEW = 1.6  # half-width of the sample scatter plots; the swiss roll spans about
 class ToyTask(Task):
     kind = "toy"
     # "lambdas" is --lmbd's former name, still found in older checkpoints' arguments.
-    resumable_args = frozenset({"num_eval", "lmbd", "lambdas", "num_samples", "elbo_repeats"})
+    resumable_args = frozenset({"num_eval", "lmbd", "lambdas", "num_samples", "elbo_repeats", "elbo_times"})
+    legacy_args = {**Task.legacy_args, "elbo_times": 1}
 
     @classmethod
     def from_stored_args(cls, args):
@@ -42,11 +53,7 @@ class ToyTask(Task):
         sde = self.sde
         return {"name": "mlp", "kwargs": {"dim": 2, "width": self.args.width, "depth": self.args.depth,
                                           "local_std": self.args.noise / 10, "beta_min": sde["beta_min"],
-                                          "beta_max": sde["beta_max"]}}
-
-    @property
-    def sde(self):
-        return {"beta_min": 0.1, "beta_max": 20.0, "T": self.args.T0}
+                                          "beta_max": sde["beta_max"], "sde": sde["name"]}}
 
     @property
     def extra(self):
@@ -76,13 +83,27 @@ class ToyTask(Task):
     def evaluate(self, gen_sde, iteration):
         x, true_logp = self.held_out(self.args.num_eval)
         x = x.to(device_of(gen_sde))
-        metrics = summarize("elbo", repeated_mean(gen_sde.elbo, x, self.args.elbo_repeats), true_logp)
+        metrics = summarize("elbo", self.controlled_elbo(gen_sde, x, true_logp), true_logp)
         metrics["true_log_likelihood"] = true_logp.mean().item()
         if iteration == self.args.num_iterations:  # the exact likelihood costs an adaptive solve: final only
             logp, nfe = ode_log_likelihood(gen_sde, x)
             metrics.update(summarize("ode", logp, true_logp))
             metrics["ode_nfe"] = nfe
         return metrics
+
+    def controlled_elbo(self, gen_sde, x, true_logp):
+        """The model's ELBO of the points x (N, 2) with the exact drift's as control variate (module docstring),
+        (N,) float64; true_logp (N,): their log-density."""
+        oracle = PluginReverseSDE(gen_sde.base_sde, SwissRollDrift(gen_sde.base_sde, self.args.noise), gen_sde.T,
+                                  vtype=gen_sde.vtype).eval()
+        seed = int(torch.randint(2**62, ()))  # from the caller's stream; both estimates replay it
+
+        def estimate(sde):
+            torch.manual_seed(seed)
+            draws = functools.partial(sde.elbo, num_times=self.args.elbo_times)
+            return repeated_mean(draws, x, self.args.elbo_repeats).double().cpu()
+
+        return true_logp + estimate(gen_sde) - estimate(oracle)
 
     def describe(self, iteration, loss, m):
         text = (f"Iteration {iteration}  loss {loss:.4f}  ELBO {m['elbo']:.4f} ± {m['elbo_std_err']:.4f}  "
@@ -117,18 +138,23 @@ class ToyTask(Task):
 
     # --- tools -------------------------------------------------------------------------------------
 
-    def likelihood_report(self, estimate, name, device, seed, num_eval=None, batch_size=None, dataroot=None):
+    def likelihood_report(self, estimate, name, device, seed, num_eval=None, batch_size=None, dataroot=None,
+                          with_noise=False):
         """On the run's held-out set (by default its own --num_eval points, the set its log reports on), in
-        batches of `batch_size` (default: all points in one call, as training evaluates), next to the truth."""
+        batches of `batch_size` (default: all points in one call, as training evaluates), next to the truth.
+        with_noise: estimate returns (values, their estimator's variances), as lib.evaluation.stratified_elbo."""
         if dataroot is not None:
             raise ConfigError("--dataroot applies to image runs; a toy run evaluates on its fixed held-out swiss roll")
         n = num_eval or self.args.num_eval
         x, true_logp = self.held_out(n)
         x, batch = x.to(device), batch_size or n
         torch.manual_seed(seed)  # the ELBO's times, noise and probes, and the ODE's probes
-        values = torch.cat([estimate(x[i:i + batch]).double().cpu() for i in range(0, n, batch)])
-        return {"unit": "nats", "num_points": n, **summarize(name, values, true_logp),
-                **summarize("true_log_likelihood", true_logp)}
+        parts = [estimate(x[i:i + batch]) for i in range(0, n, batch)]
+        values, noise = (zip(*parts) if with_noise else (parts, None))
+        values = torch.cat([v.double().cpu() for v in values])
+        noise = None if noise is None else torch.cat([v.double().cpu() for v in noise])
+        return {"unit": "nats", "num_points": n, **summary_with_noise(name, values, noise, true_logp),
+                **summarize("true_log_likelihood", true_logp), f"{name}_per_point": values.tolist()}
 
     def default_elbo_repeats(self):
         return self.args.elbo_repeats  # the toy's held-out ELBO averages many cheap draws, as its log does

@@ -15,7 +15,32 @@ Faults are injected by patching inside the child only (iterations count from 1):
   kill_after_rename: n     SIGKILL right after the checkpoint of iteration n replaced the previous one
   nan_loss: [rank, n]      the loss of that rank becomes NaN at its n-th training step
   record_weights: folder   every rank saves its weights after every update, as folder/rank{r}_{n}.pt
+  signal_after_update: [name, n] or [name, n, rank]
+                           send signal `name` (e.g. 'SIGTERM') to this process (on that rank only) once
+                           iteration n's update is applied
+  signal_family_during_evaluation: [name, k]
+                           at the first test batch of the k-th in-run image evaluation, send it to this process's
+                           children (its data-loader workers) and a second later to this process, as a scheduler
+                           signals every process of a job; the evaluation then reads its remaining batches
+  signal_mid_write: [name, n]
+                           send signal `name` to this process half-way through writing the checkpoint of
+                           iteration n (the write then goes on)
+  kill_rank_after_update: [rank, n]
+                           SIGKILL that rank once iteration n's update is applied, in torchrun's first
+                           attempt only (TORCHELASTIC_RESTART_COUNT 0), so the restarted group runs through
+  slow_restart: [rank, seconds]
+                           in torchrun's restarts (TORCHELASTIC_RESTART_COUNT > 0), that rank starts `seconds` late,
+                           as ranks of a restarted group come up at different speeds
+  failing_writes: {"from": n, "files": [patterns], "errno": name}
+                           from iteration n's update on (0: from the start), every file opened for writing
+                           whose name matches a pattern (fnmatch, e.g. 'metrics.jsonl', '*.png', '.checkpoint-*',
+                           'events.*', '*') fails: its writes raise OSError(errno) (ENOSPC, EIO), or for EACCES
+                           (permission lost) the opening does. Python-level writes only: builtins.open,
+                           io.open and os.fdopen (torch.save, TensorBoard, PIL and matplotlib write through them).
 """
+import builtins
+import errno
+import fnmatch
 import importlib
 import io
 import itertools
@@ -89,6 +114,9 @@ def run_script(script, argv, faults, env, stderr_path=None):
     from tqdm import tqdm
 
     os.environ.update(env)
+    # A forkserver child inherits its start method; `python script.py` on Linux forks, so data-loader workers are
+    # children of the training process, as in a real run.
+    multiprocessing.set_start_method("fork", force=True)
     if stderr_path is not None:
         fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(fd, 2)
@@ -137,6 +165,7 @@ class _CheckpointWrites:
 
     iteration = None
     kill_mid_write = None
+    signal_mid_write = None  # (signal number, iteration)
 
     @classmethod
     def install(cls):
@@ -157,6 +186,15 @@ class _CheckpointWrites:
                     f.flush()
                     os.fsync(f.fileno())
                     _kill_self()
+                if cls.signal_mid_write is not None and obj["iteration"] == cls.signal_mid_write[1] and \
+                        hasattr(f, "write"):
+                    buffer = io.BytesIO()
+                    original(obj, buffer, *args, **kwargs)
+                    data = buffer.getvalue()
+                    f.write(data[: len(data) // 2])
+                    os.kill(os.getpid(), cls.signal_mid_write[0])  # its handler runs here, between the halves
+                    f.write(data[len(data) // 2:])
+                    return None
             return original(obj, f, *args, **kwargs)
 
         save._patched = True
@@ -180,6 +218,119 @@ def _kill_after_rename(n):
         original(folder)
 
     lib.checkpoint._fsync_dir = fsync_dir
+
+
+def _signal_mid_write(spec):
+    name, n = spec
+    _CheckpointWrites.signal_mid_write = (getattr(signal, name), n)
+    _CheckpointWrites.install()
+
+
+def _signal_after_update(spec):
+    name, n, *rank = spec
+
+    def send(model, it):
+        if it == n and (not rank or int(os.environ.get("RANK", "0")) == rank[0]):
+            os.kill(os.getpid(), getattr(signal, name))
+
+    _wrap_ema_update(send)
+
+
+def _signal_family_during_evaluation(spec):
+    import time
+
+    import lib.evaluation
+    import lib.image_task
+
+    name, k = spec
+    evaluations, batches = itertools.count(1), None
+    evaluate, batch_bits_per_dim = lib.image_task.ImageTask.evaluate, lib.evaluation.batch_bits_per_dim
+
+    def counted_evaluate(self, gen_sde, iteration):
+        nonlocal batches
+        batches = itertools.count(1) if next(evaluations) == k else None
+        return evaluate(self, gen_sde, iteration)
+
+    def signalling_batch(*args, **kwargs):
+        if batches is not None and next(batches) == 1:
+            children = _descendants(os.getpid())
+            assert children, "no child processes to signal (run the loaders with --num_workers >= 1)"
+            for pid in children:
+                os.kill(pid, getattr(signal, name))
+            time.sleep(1.0)  # time for a worker to die of it
+            os.kill(os.getpid(), getattr(signal, name))
+        return batch_bits_per_dim(*args, **kwargs)
+
+    lib.image_task.ImageTask.evaluate = counted_evaluate
+    lib.evaluation.batch_bits_per_dim = signalling_batch
+
+
+def _descendants(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        children = [int(child) for child in fh.read().split()]
+    return children + [d for child in children for d in _descendants(child)]
+
+
+def _kill_rank_after_update(spec):
+    rank, n = spec
+    if int(os.environ.get("RANK", "0")) == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        _kill_after_update(n)
+
+
+def _slow_restart(spec):
+    import time
+
+    rank, seconds = spec
+    if int(os.environ.get("RANK", "0")) == rank and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        time.sleep(seconds)
+
+
+class _FailingFile:
+    """A file opened for writing on a disk that refuses more data: every write raises OSError(code)."""
+
+    def __init__(self, fh, code):
+        self._fh, self._code = fh, code
+
+    def write(self, data):
+        raise OSError(self._code, os.strerror(self._code))
+
+    writelines = write
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._fh.close()
+
+    def __iter__(self):
+        return iter(self._fh)
+
+
+def _failing_writes(spec):
+    code = getattr(errno, spec.get("errno", "ENOSPC"))
+    patterns = spec["files"]
+    original_open = io.open
+    active = spec.get("from", 0) == 0
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        writing = any(c in mode for c in "wax+")
+        path = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.fsdecode(file)
+        name = os.path.basename(path)
+        if not (active and writing and any(fnmatch.fnmatch(name, p) for p in patterns)):
+            return original_open(file, mode, *args, **kwargs)
+        if code == errno.EACCES:
+            raise PermissionError(code, os.strerror(code), path)
+        return _FailingFile(original_open(file, mode, *args, **kwargs), code)
+
+    def activate(model, it):
+        nonlocal active
+        active = active or it == spec["from"]
+
+    builtins.open = io.open = failing_open  # os.fdopen calls io.open
+    _wrap_ema_update(activate)
 
 
 def _nan_loss(spec):
@@ -210,7 +361,11 @@ def _record_weights(folder):
 
 
 _FAULTS = {"kill_after_update": _kill_after_update, "kill_mid_write": _kill_mid_write,
-           "kill_after_rename": _kill_after_rename, "nan_loss": _nan_loss, "record_weights": _record_weights}
+           "kill_after_rename": _kill_after_rename, "nan_loss": _nan_loss, "record_weights": _record_weights,
+           "signal_after_update": _signal_after_update, "signal_mid_write": _signal_mid_write,
+           "signal_family_during_evaluation": _signal_family_during_evaluation,
+           "kill_rank_after_update": _kill_rank_after_update, "failing_writes": _failing_writes,
+           "slow_restart": _slow_restart}
 
 
 if __name__ == "__main__":

@@ -71,6 +71,38 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
 
 
+@pytest.mark.parametrize("good_writes", [0, 1, 3, 10])
+def test_a_disk_that_fills_during_the_write_raises_its_oserror_and_keeps_the_previous_checkpoint(
+        tmp_path, monkeypatch, good_writes):
+    """The disk fills after `good_writes` writes of the file. torch.save, given a failing file, may report the
+    failure as a RuntimeError about stream positions; save_checkpoint must raise the OSError (the cause a user
+    can act on) and leave the old checkpoint and no temporary file."""
+    import errno
+    import io
+
+    import lib.checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"iteration": 1})
+
+    class FillingFile(io.FileIO):
+        writes = 0
+
+        def write(self, data):
+            FillingFile.writes += 1
+            if FillingFile.writes > good_writes:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(lib.checkpoint.os, "fdopen", lambda fd, mode: FillingFile(fd, "wb"))
+    with pytest.raises(OSError) as err:
+        save_checkpoint(path, {"iteration": 2, "weights": torch.ones(100_000)})
+    assert err.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert load_checkpoint(str(path))["iteration"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+
+
 @pytest.mark.parametrize("content, expected", [
     (b"", "not a readable checkpoint"),
     (b"\x00garbage" * 100, "not a readable checkpoint"),

@@ -3,7 +3,8 @@ figures, sample, and resume; and the tools load none of the training loop.
 
 tests/data/v1/ holds an image and a toy checkpoint in the format train_img.py / train_toy.py wrote at commit
 08558b1, and what that commit's evaluate.py and sample.py reported on them (expected.json, "_how" says how
-they were made). Same code path, same seeds, same CPU arithmetic: the figures must agree to float64 rounding.
+they were made). Same code path, same seeds, same CPU arithmetic: the figures must agree to float64 rounding
+(with the ELBO's one time per example of that commit: --num_times=1).
 """
 import json
 import os
@@ -47,10 +48,10 @@ def report(tmp_path, argv):
 
 
 @pytest.mark.parametrize("name, argv", [
-    ("img_elbo", ["elbo", "--num_eval=12", "--test_batch_size=5"]),
+    ("img_elbo", ["elbo", "--num_eval=12", "--test_batch_size=5", "--num_times=1"]),
     ("img_slice", ["elbo", "--estimator=random_t_slice", "--elbo_repeats=3", "--num_eval=6"]),
     ("img_ode", ["ode", "--num_eval=3", "--rtol=1e-3", "--atol=1e-3"]),
-    ("toy_elbo", ["elbo", "--num_eval=300"]),
+    ("toy_elbo", ["elbo", "--num_eval=300", "--num_times=1"]),
     ("toy_ode", ["ode", "--num_eval=50"]),
 ])
 def test_an_old_checkpoint_evaluates_to_the_figures_it_had(v1_runs, tmp_path, name, argv):
@@ -59,7 +60,12 @@ def test_an_old_checkpoint_evaluates_to_the_figures_it_had(v1_runs, tmp_path, na
     data = [f"--dataroot={root / 'data'}"] if kind == "img" else []
     got = report(tmp_path, [*argv, f"--checkpoint={paths[kind]}", *data])
     expected = EXPECTED[name]
-    assert got.keys() == expected.keys()
+    assert got.keys() >= expected.keys()  # today's reports add keys (per-example values, the estimator's noise)
+    if name == "img_slice":
+        # Repeated draws are now made one batch at a time, so memory stays that of one batch: other draws from the
+        # same seed, the same estimate. Within 3 standard errors of the mean over the 6 images.
+        assert abs(got["bpd"] - expected["bpd"]) < 3 * expected["bpd_std_err"]
+        expected = {k: v for k, v in expected.items() if k not in ("bpd", "bpd_std_err")}
     for key, value in expected.items():
         if isinstance(value, float):
             assert got[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key

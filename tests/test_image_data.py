@@ -187,17 +187,39 @@ def test_unreadable_cifar_pickle_with_right_checksum_gives_one_line(tmp_path):
     assert_one_line_naming(str(e.value), "unreadable", str(tmp_path / "cifar10"))
 
 
-@pytest.mark.parametrize("damage", ["truncate", "wrong_size", "empty"])
+@pytest.mark.parametrize("damage", ["truncate", "wrong_size", "empty", "bad_magic", "float_type", "short_header"])
 def test_damaged_mnist_gives_one_line(tmp_path, damage):
+    """Among them headers that torchvision's parser answers with AssertionError (bad magic), TypeError (a float
+    type code) or ValueError: they are refused before it parses them."""
     write_fake_mnist(tmp_path, n_train=6, n_test=4)
     path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
     data = path.read_bytes()
     path.write_bytes({"truncate": data[:-50],
                       "wrong_size": data[:8] + (14).to_bytes(4, "big") + (56).to_bytes(4, "big") + data[16:],
-                      "empty": b""}[damage])
+                      "empty": b"",
+                      "bad_magic": (0x0F03).to_bytes(4, "big") + data[4:],
+                      "float_type": (0x0D03).to_bytes(4, "big") + data[4:],
+                      "short_header": data[:10]}[damage])
     with pytest.raises(DatasetNotFoundError) as e:
         load_image_datasets("mnist", tmp_path)  # download=True: the files are there, so nothing to fetch
     assert_one_line_naming(str(e.value), "unreadable or corrupted", str(tmp_path / "MNIST" / "raw"))
+
+
+@pytest.mark.parametrize("error", [TypeError, KeyError, AssertionError, IndexError])
+def test_a_programming_error_while_reading_propagates_instead_of_reading_as_missing_data(tmp_path, monkeypatch,
+                                                                                          error):
+    """Only what missing or damaged files raise is reported as unreadable data; a bug in the reading code (here
+    one planted in the image check) must surface as itself."""
+    import lib.image_data
+
+    write_fake_mnist(tmp_path, n_train=6, n_test=4)
+
+    def bug(*args, **kwargs):
+        raise error("a bug")
+
+    monkeypatch.setattr(lib.image_data, "_check_images", bug)
+    with pytest.raises(error, match="a bug"):
+        load_image_datasets("mnist", tmp_path, download=False)
 
 
 def test_partial_mnist_names_the_missing_file(tmp_path):

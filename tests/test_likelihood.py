@@ -32,7 +32,7 @@ from lib.hutchinson import sample_probe
 from lib.likelihood import exact_divergence, ode_log_likelihood
 from lib.oracles import GaussianDrift, gaussian_log_prob
 from lib.samplers import sample_ode
-from lib.sdes import PluginReverseSDE, VariancePreservingSDE, as_batch_time, batch_view
+from lib.sdes import PluginReverseSDE, SubVariancePreservingSDE, VariancePreservingSDE, as_batch_time, batch_view
 
 DTYPE = torch.float64
 MEAN_2D = torch.tensor([0.5, -0.3], dtype=DTYPE)
@@ -109,8 +109,8 @@ def anisotropic(shape, seed=0):
     return mean, random_rotation(d, seed), torch.logspace(math.log10(0.05), math.log10(2.0), d, dtype=DTYPE)
 
 
-def gen_sde_for(mean, Q, lam, T=1.0, use_oracle=False):
-    sde = VariancePreservingSDE(T=T)
+def gen_sde_for(mean, Q, lam, T=1.0, use_oracle=False, sde_cls=VariancePreservingSDE, **schedule):
+    sde = sde_cls(T=T, **schedule)
     drift = GaussianDrift(sde, mean, lam[0].sqrt().item()) if use_oracle else RotatedGaussianDrift(sde, mean, Q, lam)
     return PluginReverseSDE(sde, drift, T)
 
@@ -144,9 +144,11 @@ def test_exact_divergence_likelihood_matches_the_closed_form(shape):
     assert 10 < nfe < 200
 
 
-def test_exact_divergence_likelihood_matches_the_closed_form_for_a_rotated_covariance():
+@pytest.mark.parametrize("sde_cls", [VariancePreservingSDE, SubVariancePreservingSDE])
+@pytest.mark.parametrize("schedule", [{}, dict(beta_min=0.5, beta_max=12.0)], ids=["default", "other_schedule"])
+def test_exact_divergence_likelihood_matches_the_closed_form_for_a_rotated_covariance(sde_cls, schedule):
     mean, Q, lam = anisotropic((2,))
-    gen = gen_sde_for(mean, Q, lam)
+    gen = gen_sde_for(mean, Q, lam, sde_cls=sde_cls, **schedule)
     x = draw_data(200, mean, Q, lam, seed=3)
     log_p, _ = ode_log_likelihood(gen, x)
     assert (log_p - closed_form_log_p(gen.base_sde, 1.0, x, mean, Q, lam)).abs().max() / 2 < TOL_PER_DIM

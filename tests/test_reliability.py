@@ -1,7 +1,9 @@
-"""Reliability of the training scripts (issue 7): a run killed with SIGKILL at any moment and restarted
-with the same command ends with the weights of an uninterrupted run; a diverging run stops with one
-line and keeps its last finite checkpoint; bad arguments and corrupt, foreign or mismatched
-checkpoints are refused with one line naming what is wrong.
+"""Reliability of the training scripts (issues 7 and 16): a run killed with SIGKILL at any moment, or stopped
+by SIGTERM / SIGUSR1 (pre-emption), and restarted with the same command ends with the weights of an
+uninterrupted run; a diverging run stops with one line and keeps its last finite checkpoint; a full or
+failing disk stops the run with one line naming the file, keeps the last checkpoint and lets the rerun
+resume; bad arguments and corrupt, foreign or mismatched checkpoints are refused with one line naming
+what is wrong.
 
 The kill tests run the real train_toy.main in child processes (tests/child_processes.py) on a tiny
 MLP; the comparisons are exact (bit for bit), since CPU arithmetic with one thread is deterministic.
@@ -20,6 +22,7 @@ import train_toy
 from child_processes import start
 from fake_datasets import write_fake_image_dataset
 from lib.checkpoint import load_checkpoint, save_checkpoint
+from lib.training import PREEMPTED
 
 TOY = ["--num_iterations=24", "--print_every=5", "--checkpoint_every=4", "--sample_every=1000", "--num_steps=5",
        "--num_eval=40", "--elbo_repeats=2", "--num_samples=20", "--width=16", "--depth=1", "--lmbd=0.5",
@@ -30,12 +33,20 @@ def toy_argv(root, *extra):
     return [f"--saveroot={root}", "--expname=run", *TOY, *extra]
 
 
-def run_child(root, *extra, faults=None):
+def run_child(root, *extra, faults=None, stderr_path=None):
     """Run train_toy in a child process to its end (or to the fault); returns its exit status."""
-    process = start("train_toy", toy_argv(root, *extra), faults)
+    process = start("train_toy", toy_argv(root, *extra), faults, stderr_path=stderr_path)
     process.join(timeout=120)
     assert process.exitcode is not None, "the child did not finish"
     return process.exitcode
+
+
+def run_child_with_stderr(root, *extra, faults=None):
+    """run_child, also returning the child's stderr."""
+    path = os.path.join(root, "stderr.txt")
+    status = run_child(root, *extra, faults=faults, stderr_path=path)
+    with open(path) as fh:
+        return status, fh.read()
 
 
 def checkpoint_of(root):
@@ -43,7 +54,13 @@ def checkpoint_of(root):
 
 
 def partial_writes(root):
-    return glob.glob(os.path.join(root, "run", ".checkpoint-*.tmp"))
+    run_dir = os.path.join(root, "run")
+    return glob.glob(os.path.join(run_dir, ".checkpoint-*.tmp")) + glob.glob(os.path.join(run_dir, ".partial-*"))
+
+
+def log_lines(root):
+    with open(os.path.join(root, "run", "log.txt")) as fh:
+        return fh.read().splitlines()
 
 
 def metrics(root):
@@ -110,6 +127,117 @@ def test_kills_at_random_moments_resume_to_the_uninterrupted_weights(tmp_path, u
     assert partial_writes(tmp_path) == []
 
 
+# --- pre-emption: SIGTERM / SIGUSR1 -------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_and_sigusr1_checkpoint_the_iteration_in_progress_and_the_rerun_ends_like_an_uninterrupted_run(
+        tmp_path, uninterrupted):
+    """The signals arrive during iterations 6 and 10 (checkpoints every 4): each stop writes a checkpoint of its
+    own iteration. A second signal half-way through that write neither tears it nor ends the process early."""
+    reference, reference_metrics = uninterrupted
+    assert run_child(tmp_path, faults={"signal_after_update": ["SIGTERM", 6]}) == PREEMPTED
+    assert checkpoint_of(tmp_path)["iteration"] == 6
+    assert run_child(tmp_path, faults={"signal_after_update": ["SIGUSR1", 10],
+                                       "signal_mid_write": ["SIGTERM", 10]}) == PREEMPTED
+    assert checkpoint_of(tmp_path)["iteration"] == 10 and partial_writes(tmp_path) == []
+
+    assert run_child(tmp_path) == 0
+    assert_same_training_state(checkpoint_of(tmp_path), reference)
+    assert metrics(tmp_path) == reference_metrics  # iteration 10's evaluation was done once, before the stop
+    path = os.path.join(tmp_path, "run", "checkpoint.pt")
+    assert [line for line in log_lines(tmp_path) if line.startswith(("Stopped", "Resuming"))] == [
+        f"Stopped by SIGTERM after iteration 6: checkpoint written to {path}; rerun the same command to resume "
+        "(exit status 75)",
+        f"Resuming from {path} at iteration 6",
+        f"Stopped by SIGUSR1 after iteration 10: checkpoint written to {path}; rerun the same command to resume "
+        "(exit status 75)",
+        f"Resuming from {path} at iteration 10",
+    ]
+
+
+@pytest.mark.slow
+def test_a_signal_to_train_img_and_its_loader_workers_during_an_evaluation_stops_it_with_a_checkpoint(
+        tmp_path, mnist_root):
+    """A scheduler signals every process of the job. The data-loader workers must outlive the signal, or the
+    evaluation in progress fails at its next test batch (torch reports the lost worker) and nothing is saved."""
+    argv = ["--dataset=mnist", f"--dataroot={mnist_root}", f"--saveroot={tmp_path}", "--expname=run",
+            "--num_iterations=3", "--print_every=2", "--sample_every=100", "--checkpoint_every=100",
+            "--batch_size=8", "--test_batch_size=2", "--num_eval=16", "--ch=32", "--num_steps=2", "--num_samples=4",
+            "--num_workers=1", "--device=cpu"]
+    stderr = tmp_path / "stderr.txt"
+    # The second evaluation is iteration 2's (the first is iteration 1's).
+    process = start("train_img", argv, {"signal_family_during_evaluation": ["SIGTERM", 2]}, stderr_path=str(stderr))
+    process.join(timeout=300)
+    assert process.exitcode == PREEMPTED, stderr.read_text()[-3000:]
+    assert stderr.read_text() == "" and checkpoint_of(tmp_path)["iteration"] == 2
+    process = start("train_img", argv)
+    process.join(timeout=300)
+    assert process.exitcode == 0 and checkpoint_of(tmp_path)["iteration"] == 3
+    assert f"Resuming from {tmp_path / 'run' / 'checkpoint.pt'} at iteration 2" in log_lines(tmp_path)
+
+
+# --- a full or failing disk ---------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_full_or_failing_disk_stops_the_run_in_one_line_keeps_the_checkpoint_and_the_rerun_resumes(
+        tmp_path, uninterrupted):
+    """Writes fail as a full disk (ENOSPC), an I/O error (EIO) or a lost permission (EACCES) makes them fail,
+    injected at the file-opening calls (tests/child_processes.py: failing_writes)."""
+    reference, reference_metrics = uninterrupted
+    run_dir = tmp_path / "run"
+    hint = "free space or restore write access, then rerun the same command to resume"
+
+    # The disk fills during iteration 10: the metrics line of its evaluation is the first write refused.
+    status, err = run_child_with_stderr(tmp_path, faults={"failing_writes": {"from": 10, "files": ["*"]}})
+    assert status == 1 and err == (f"train_toy.py: error: cannot write {run_dir / 'metrics.jsonl'} (No space left on "
+                                   f"device); {hint} from the last checkpoint\n")
+    assert checkpoint_of(tmp_path)["iteration"] == 8
+
+    # Rerun before space is freed: refused up front. Almost full: resuming rewrites metrics.jsonl (dropping what
+    # came after the checkpoint), which is refused and leaves the file as it was.
+    status, err = run_child_with_stderr(tmp_path, faults={"failing_writes": {"from": 0, "files": ["*"]}})
+    assert status == 1 and err == (f"train_toy.py: error: --saveroot={tmp_path} cannot be written (No space left on "
+                                   "device); pick a folder you can write to\n")
+    before = (run_dir / "metrics.jsonl").read_bytes()
+    status, err = run_child_with_stderr(tmp_path, faults={"failing_writes": {"from": 0, "files": ["*metrics*"]}})
+    assert status == 1 and len(err.splitlines()) == 1 and "metrics.jsonl (No space left on device)" in err, err
+    assert (run_dir / "metrics.jsonl").read_bytes() == before
+
+    # Space freed; checkpoint writes fail with an I/O error from iteration 11 on: iteration 12's is refused.
+    status, err = run_child_with_stderr(tmp_path, faults={"failing_writes": {"from": 11, "files": [".checkpoint-*"],
+                                                                             "errno": "EIO"}})
+    ckpt = run_dir / "checkpoint.pt"
+    assert status == 1 and err == (f"train_toy.py: error: cannot write {ckpt} (Input/output error); the last "
+                                   f"checkpoint {ckpt} (iteration 8) is kept; {hint}\n")
+    assert checkpoint_of(tmp_path)["iteration"] == 8 and partial_writes(tmp_path) == []
+
+    # Write permission on TensorBoard's events files lost from iteration 9 on: TensorBoard writes from a thread
+    # of its own, whose failure must still come out as one line naming the file.
+    status, err = run_child_with_stderr(tmp_path, faults={"failing_writes": {"from": 9, "files": ["events.*"],
+                                                                             "errno": "EACCES"}})
+    assert status == 1 and len(err.splitlines()) == 1, err
+    assert f"cannot write {run_dir}{os.sep}events.out.tfevents." in err and "(Permission denied)" in err
+
+    assert run_child(tmp_path) == 0
+    assert_same_training_state(checkpoint_of(tmp_path), reference)
+    assert metrics(tmp_path) == reference_metrics
+    assert partial_writes(tmp_path) == []
+
+
+@pytest.mark.slow
+def test_figures_that_cannot_be_written_warn_once_and_training_goes_on(tmp_path, uninterrupted):
+    reference, _ = uninterrupted
+    status, err = run_child_with_stderr(tmp_path, "--sample_every=6",
+                                        faults={"failing_writes": {"from": 0, "files": ["*.png"]}})
+    path = tmp_path / "run" / "samples.png"
+    assert status == 0 and err == (f"warning: cannot write {path} (No space left on device); training goes on without "
+                                   "it (figures that fail later are skipped without a warning)\n")
+    assert not glob.glob(str(tmp_path / "run" / "*.png")) and partial_writes(tmp_path) == []
+    assert_same_training_state(checkpoint_of(tmp_path), reference)  # figures never change training
+
+
 # --- divergence guard --------------------------------------------------------------------------
 
 
@@ -162,7 +290,8 @@ BAD_ARGUMENTS = [
     ("--num_iterations=0", "--num_iterations"), ("--num_iterations=-3", "--num_iterations"),
     ("--print_every=0", "--print_every"), ("--sample_every=-1", "--sample_every"),
     ("--checkpoint_every=0", "--checkpoint_every"), ("--num_steps=0", "--num_steps"), ("--seed=-1", "--seed"),
-    ("--T0=0", "--T0"), ("--vtype=normal", "--vtype"), ("--device=tpu", "--device"),
+    ("--T0=0", "--T0"), ("--T0=0.001", "--T0"), ("--T0=0.0005", "--T0"), ("--vtype=normal", "--vtype"),
+    ("--device=tpu", "--device"),
     ("--debias=true", "--debias"), ("--debias=1", "--debias"), ("--debias=", "--debias"), ("--amp=yes", "--amp"),
     ("--compile=on", "--compile"), ("--ema_decay=1.5", "--ema_decay"), ("--ema_decay=-0.1", "--ema_decay"),
     ("--no_such_flag=1", "--no_such_flag"),

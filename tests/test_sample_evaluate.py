@@ -18,7 +18,7 @@ import sample
 import train_img
 import train_toy
 from fake_datasets import write_fake_image_dataset
-from lib.checkpoint import load_model
+from lib.checkpoint import load_model, save_checkpoint
 from lib.evaluation import (ELBO_ESTIMATORS, ODELikelihood, elbo_estimator, mean_and_stderr, repeated_mean,
                             sliced_wasserstein, summarize, test_set_bits_per_dim)
 from lib.image_data import load_image_datasets, test_loader
@@ -38,7 +38,7 @@ def toy_ckpt(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     train_toy.main([f"--saveroot={root}", "--expname=toy", "--num_iterations=50", "--print_every=50",
                     "--checkpoint_every=50", "--sample_every=50", "--num_steps=10", f"--num_eval={TOY_EVAL}",
-                    "--elbo_repeats=4", "--num_samples=50", "--width=32", "--depth=1", "--lmbd=0,1",
+                    "--elbo_repeats=4", "--num_samples=50", "--width=32", "--depth=1", "--lmbd=0,1", "--warmup=10",
                     "--device=cpu"])
     return os.path.join(root, "toy", "checkpoint.pt")
 
@@ -307,6 +307,19 @@ def test_image_elbo_bpd_respects_the_entropy_of_uniform_pixels(mnist_run, tmp_pa
     assert report["bpd"] > 8 - 3 * report["bpd_std_err"] and report["bpd_std_err"] > 0
 
 
+def test_image_elbo_report_holds_every_images_bpd_and_the_estimators_share(mnist_run, tmp_path, capsys):
+    """The JSON report has each test image's bits/dim (their mean is the reported one) and, for the stratified
+    ELBO, the estimator's own share of the standard error; the printed line says both."""
+    _, ckpt = mnist_run
+    report = run_evaluate(tmp_path, "elbo", f"--checkpoint={ckpt}", "--num_times=8", "--num_eval=12")
+    per_image = torch.tensor(report["bpd_per_image"], dtype=torch.float64)
+    assert per_image.shape == (12,) and report["num_times"] == 8
+    assert report["bpd"] == pytest.approx(per_image.mean().item(), rel=1e-12)
+    assert report["bpd_std_err"] == pytest.approx(per_image.std().item() / math.sqrt(12), rel=1e-9)
+    assert report["bpd_estimator_std_err"] > 0
+    assert "of which the estimator's noise" in capsys.readouterr().out
+
+
 def test_missing_image_data_is_a_one_line_error_naming_the_folder(mnist_run, tmp_path, capsys, monkeypatch):
     import torchvision.datasets.mnist
 
@@ -443,3 +456,260 @@ def test_mean_and_stderr_is_the_mean_and_sample_std_over_root_n():
     assert math.isnan(mean_and_stderr(torch.tensor([3.0]))[1])
     with pytest.raises(ValueError):
         mean_and_stderr([])
+
+
+# --- the tools on bad input (issue 16) ----------------------------------------------------------------
+
+
+def checkpoint_edited(source, path, edit):
+    """A copy of the checkpoint at `source`, changed by edit(state), saved (atomically, as training does) at `path`."""
+    state = torch.load(source, weights_only=True)
+    edit(state)
+    save_checkpoint(str(path), {k: v for k, v in state.items() if k not in ("format", "version")})
+    return path
+
+
+def set_version(version):
+    def edit(state):
+        state["version"] = version
+
+    return edit
+
+
+def refuse_both(capsys, path, *extra):
+    """sample.py em and evaluate.py elbo on the checkpoint at `path`: each must refuse it in one line."""
+    return [one_line_error(capsys, main, [command, f"--checkpoint={path}", "--device=cpu", *extra])
+            for main, command in ((sample.main, "em"), (evaluate.main, "elbo"))]
+
+
+def test_a_checkpoint_from_a_newer_version_of_the_code_is_refused_with_what_to_do(toy_ckpt, tmp_path, capsys):
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(toy_ckpt, weights_only=True)
+    torch.save({**state, "version": 2}, path)
+    for err in refuse_both(capsys, path):
+        assert err.endswith(f"{path} was written by a newer version of this code (checkpoint version 2, this code "
+                            "reads 1): update the code"), err
+
+
+@pytest.mark.parametrize("damage", ["truncated", "unknown_network", "wrong_shapes", "no_sde"])
+def test_a_truncated_or_damaged_checkpoint_is_refused_in_one_line(toy_ckpt, tmp_path, capsys, damage):
+    path = tmp_path / "checkpoint.pt"
+    if damage == "truncated":
+        data = open(toy_ckpt, "rb").read()
+        path.write_bytes(data[:len(data) // 2])
+        expected = "is not a readable checkpoint"
+    else:
+        edits = {"unknown_network": lambda s: s["model"].update(name="transformer"),
+                 "wrong_shapes": lambda s: s["model"]["kwargs"].update(width=48),
+                 "no_sde": lambda s: s.pop("sde")}
+        checkpoint_edited(toy_ckpt, path, edits[damage])
+        expected = "does not describe a model this code can build"
+    for err in refuse_both(capsys, path):
+        assert str(path) in err and expected in err, err
+
+
+def test_a_wrong_data_folder_is_refused_in_one_line(mnist_run, tmp_path, capsys, monkeypatch):
+    import torchvision.datasets.mnist
+
+    monkeypatch.setattr(torchvision.datasets.mnist, "download_and_extract_archive",
+                        lambda *a, **k: (_ for _ in ()).throw(OSError("network is unreachable")))
+    _, ckpt = mnist_run
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    write_fake_image_dataset("cifar", tmp_path / "cifar_only")  # another data set's files
+    for dataroot in (a_file, tmp_path / "cifar_only"):
+        err = one_line_error(capsys, evaluate.main, ["elbo", f"--checkpoint={ckpt}", "--device=cpu",
+                                                     f"--dataroot={dataroot}"])
+        assert "MNIST not found" in err and str(dataroot) in err and "download" in err, err
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(toy_ckpt, tmp_path, capsys, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the output path should have been refused before any work")
+
+    monkeypatch.setattr(evaluate, "evaluate", no_work)
+    monkeypatch.setattr(sample, "sweep", no_work)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    err = one_line_error(capsys, evaluate.main, ["elbo", f"--checkpoint={toy_ckpt}", "--device=cpu",
+                                                 f"--output={a_file / 'report.json'}"])
+    assert f"--output={a_file / 'report.json'} cannot be written (Not a directory)" in err
+    err = one_line_error(capsys, evaluate.main, ["elbo", f"--checkpoint={toy_ckpt}", "--device=cpu",
+                                                 f"--output={tmp_path}"])
+    assert f"--output={tmp_path} is a folder" in err
+    err = one_line_error(capsys, sample.main, ["em", f"--checkpoint={toy_ckpt}", "--device=cpu",
+                                               f"--outdir={a_file / 'samples'}"])
+    assert f"--outdir={a_file / 'samples'} cannot be written (Not a directory)" in err
+
+
+def fail_writes_of(monkeypatch, part):
+    """Writes to files whose name contains `part` fail as on a full disk (at the first write)."""
+    import builtins
+    import errno
+
+    real_open = builtins.open
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc_info):
+            self.fh.close()
+
+    def failing_open(file, mode="r", *args, **kwargs):
+        fh = real_open(file, mode, *args, **kwargs)
+        writing = any(c in mode for c in "wax+")
+        return Full(fh) if writing and part in os.path.basename(os.fspath(file)) else fh
+
+    monkeypatch.setattr(builtins, "open", failing_open)
+
+
+def test_a_failed_write_leaves_no_half_written_output(toy_ckpt, tmp_path, capsys, monkeypatch):
+    """The disk fills while sample.py writes its table, then while it writes its second figure, then while
+    evaluate.py writes its --output: what was written whole stays, nothing is left half-written (no partial
+    file under the final name or beside it)."""
+    argv = ["em", f"--checkpoint={toy_ckpt}", "--device=cpu", "--lmbd=0,1", "--num_steps=5", "--num_samples=20"]
+    fail_writes_of(monkeypatch, "samples")
+    err = one_line_error(capsys, sample.main, [*argv, f"--outdir={tmp_path / 'a'}"])
+    assert err == (f"sample.py: error: cannot write {tmp_path / 'a' / 'samples.csv'} (No space left on device); "
+                   "free space or pick another --outdir")
+    assert sorted(os.listdir(tmp_path / "a")) == ["lambda_0.png", "lambda_1.png"]
+    for name in ("lambda_0.png", "lambda_1.png"):
+        with open(tmp_path / "a" / name, "rb") as fh:
+            assert fh.read(8) == PNG
+
+    monkeypatch.undo()
+    fail_writes_of(monkeypatch, "lambda_1")
+    err = one_line_error(capsys, sample.main, [*argv, f"--outdir={tmp_path / 'b'}"])
+    assert err == (f"sample.py: error: cannot write {tmp_path / 'b' / 'lambda_1.png'} (No space left on device); "
+                   "free space or pick another --outdir")
+    assert os.listdir(tmp_path / "b") == ["lambda_0.png"]
+
+    monkeypatch.undo()
+    fail_writes_of(monkeypatch, "report")
+    out = tmp_path / "report.json"
+    err = one_line_error(capsys, evaluate.main, ["elbo", f"--checkpoint={toy_ckpt}", "--device=cpu", "--num_eval=20",
+                                                 f"--output={out}"])
+    assert err.startswith(f"evaluate.py: error: cannot write {out} (No space left on device); the report was: ELBO")
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]
+
+
+@pytest.fixture(scope="module")
+def broken_toy_ckpt(toy_ckpt, tmp_path_factory):
+    """The toy run's checkpoint with NaN weights: its network's outputs are all NaN."""
+    def poison(state):
+        for part in ("model_state", "ema_state"):
+            state[part] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                           for k, v in state[part].items()}
+
+    return checkpoint_edited(toy_ckpt, tmp_path_factory.mktemp("broken") / "checkpoint.pt", poison)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["elbo"], "the ELBO is not finite for 200 of the 200 examples of a batch"),
+    (["ode"], "the adaptive ODE solve stopped: its step size underflowed"),
+])
+def test_evaluating_a_model_with_non_finite_outputs_is_one_line_and_writes_nothing(broken_toy_ckpt, tmp_path, capsys,
+                                                                                  argv, expected):
+    out = tmp_path / "report.json"
+    err = one_line_error(capsys, evaluate.main, [*argv, f"--checkpoint={broken_toy_ckpt}", "--device=cpu",
+                                                 f"--output={out}"])
+    assert expected in err and ("earlier checkpoint" in err or "check the checkpoint" in err), err
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["em", "--lmbd=0,1", "--num_steps=5"], "the em sampler at λ=0 gave 20 of 20 samples with non-finite values"),
+    (["pc", "--num_steps=5"], "the pc sampler at λ=0 gave 20 of 20 samples with non-finite values"),
+    (["ode"], "the adaptive ODE solve stopped: its step size underflowed"),
+])
+def test_sampling_a_model_with_non_finite_outputs_is_one_line_and_writes_nothing(broken_toy_ckpt, tmp_path, capsys,
+                                                                                argv, expected):
+    err = one_line_error(capsys, sample.main, [*argv, f"--checkpoint={broken_toy_ckpt}", "--device=cpu",
+                                               "--num_samples=20", f"--outdir={tmp_path / 's'}"])
+    assert expected in err, err
+    assert os.listdir(tmp_path / "s") == []
+
+
+# --- memory bounded by the batch, NFE per example (issue 16) -----------------------------------------
+
+
+class RowCounter(torch.nn.Module):
+    """Wraps a drift network and records how many rows each call gets."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.rows = net, []
+
+    def forward(self, y, s):
+        self.rows.append(y.shape[0])
+        return self.net(y, s)
+
+
+@pytest.mark.parametrize("estimator", list(ELBO_ESTIMATORS))
+def test_repeated_elbo_of_images_calls_the_network_on_one_batch_at_most(estimator):
+    """Peak memory follows the rows per network call (with their backward pass): it must stay at the batch size
+    however many repeats are averaged, not grow to repeats x batch."""
+    sde = VariancePreservingSDE()
+    counter = RowCounter(GaussianDrift(sde, 0.5, 0.6))
+    gen = PluginReverseSDE(sde, counter, sde.T).eval()
+    x = torch.rand(3, 1, 8, 8)
+    for repeats in (1, 4, 20):
+        counter.rows.clear()
+        values = elbo_estimator(gen, estimator, repeats)(x)
+        assert values.shape == (3,) and torch.isfinite(values).all()
+        assert max(counter.rows) <= 3, (repeats, counter.rows)
+
+
+def test_the_toy_keeps_its_repeats_in_few_large_calls():
+    """Flat (N, 2) points: up to 50,000 rows per call, so 2000 points x 64 draws take 3 calls."""
+    calls = []
+
+    def estimate(rows):
+        calls.append(rows.shape[0])
+        return rows.sum(1)
+
+    x = torch.randn(2000, 2)
+    mean = repeated_mean(estimate, x, 64)
+    assert calls == [50_000, 50_000, 28_000]
+    assert torch.allclose(mean, x.sum(1))
+
+
+@pytest.mark.parametrize("argv", [["elbo", "--estimator=random_t_slice", "--elbo_repeats=10"],
+                                  ["elbo", "--elbo_repeats=10", "--num_times=1"],
+                                  ["ode", "--rtol=1e-2", "--atol=1e-2"]])
+def test_evaluate_calls_the_network_on_one_test_batch_at_most(mnist_run, tmp_path, monkeypatch, argv):
+    import lib.saved_run
+
+    rows, load_run = [], lib.saved_run.load_run
+
+    def counted(path, map_location="cpu"):
+        gen_sde, state = load_run(path, map_location)
+        gen_sde.a.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+        return gen_sde, state
+
+    monkeypatch.setattr(lib.saved_run, "load_run", counted)
+    _, ckpt = mnist_run
+    report = run_evaluate(tmp_path, argv[0], f"--checkpoint={ckpt}", "--num_eval=4", "--test_batch_size=2", *argv[1:])
+    assert report["num_images"] == 4 and rows and max(rows) <= 2, rows
+
+
+def test_the_mean_nfe_is_per_example_so_a_short_last_batch_weighs_what_it_holds(toy_ckpt, tmp_path, monkeypatch):
+    """Batches of 4 and 1 points whose solves take 10 and 40 evaluations: 16 per point, not 25 per solve."""
+    import lib.evaluation
+
+    def solve(gen_sde, x, **kwargs):
+        return torch.zeros(x.shape[0]), {4: 10, 1: 40}[x.shape[0]]
+
+    monkeypatch.setattr(lib.evaluation, "ode_log_likelihood", solve)
+    report = run_evaluate(tmp_path, "ode", f"--checkpoint={toy_ckpt}", "--num_eval=5", "--test_batch_size=4")
+    assert report["ode_solves"] == 2 and report["ode_nfe_mean"] == 16

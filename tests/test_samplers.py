@@ -11,7 +11,7 @@ import torch
 
 from lib.oracles import GaussianDrift
 from lib.samplers import sample_lambda, sample_ode, sample_pc, tweedie_denoise
-from lib.sdes import PluginReverseSDE, VariancePreservingSDE
+from lib.sdes import PluginReverseSDE, SubVariancePreservingSDE, VariancePreservingSDE
 
 MEAN = torch.tensor([0.5, -0.3], dtype=torch.float64)
 STD = 0.6
@@ -23,8 +23,8 @@ SE_STD = STD / math.sqrt(2 * N)  # 0.0034, the large-N standard error of a Gauss
 NUM_STEPS = 500
 
 
-def gaussian_gen_sde(mean=MEAN, std=STD, T=1.0):
-    sde = VariancePreservingSDE(T=T)
+def gaussian_gen_sde(mean=MEAN, std=STD, T=1.0, sde_cls=VariancePreservingSDE):
+    sde = sde_cls(T=T)
     return PluginReverseSDE(sde, GaussianDrift(sde, mean, std), T)
 
 
@@ -40,20 +40,20 @@ def moment_errors(x):
 def euler_moments(gen_sde, lmbd, num_steps):
     """The exact mean and std of sample_lambda's Euler chain for the Gaussian drift.
 
-    mu_lambda is affine in y: mu = k y + h with k = beta/2 - (1 - lambda/2) beta / v and
-    h = (1 - lambda/2) beta alpha m / v (all at s = T - t_i), so the chain stays Gaussian with
-        M' = (1 + k dt) M + h dt,    V' = (1 + k dt)^2 V + (1 - lambda) beta dt,   M_0 = 0, V_0 = 1.
+    mu_lambda is affine in y: mu = k y + h with k = beta/2 - (1 - lambda/2) g^2 / v and
+    h = (1 - lambda/2) g^2 alpha m / v (all at s = T - t_i), so the chain stays Gaussian with
+        M' = (1 + k dt) M + h dt,    V' = (1 + k dt)^2 V + (1 - lambda) g^2 dt,   M_0 = 0, V_0 = 1.
     """
     sde, T = gen_sde.base_sde, gen_sde.T
     dt = T / num_steps
     M, V = torch.zeros_like(MEAN), torch.tensor(1.0, dtype=torch.float64)
     for i in range(num_steps):
         s = torch.tensor(T - i * dt, dtype=torch.float64)
-        beta, alpha = sde.beta(s), sde.mean_weight(s)
+        beta, alpha, g2 = sde.beta(s), sde.mean_weight(s), sde.g2(s)
         v = alpha ** 2 * STD ** 2 + sde.var(s)
-        k = beta / 2 - (1 - lmbd / 2) * beta / v
-        M = (1 + k * dt) * M + (1 - lmbd / 2) * beta * alpha * MEAN / v * dt
-        V = (1 + k * dt) ** 2 * V + (1 - lmbd) * beta * dt
+        k = beta / 2 - (1 - lmbd / 2) * g2 / v
+        M = (1 + k * dt) * M + (1 - lmbd / 2) * g2 * alpha * MEAN / v * dt
+        V = (1 + k * dt) ** 2 * V + (1 - lmbd) * g2 * dt
     return M, V.sqrt()
 
 
@@ -64,9 +64,10 @@ def euler_moments(gen_sde, lmbd, num_steps):
 EULER_BIAS = 0.002
 
 
+@pytest.mark.parametrize("sde_cls", [VariancePreservingSDE, SubVariancePreservingSDE])
 @pytest.mark.parametrize("lmbd", [0.0, 0.5, 1.0])
-def test_sample_lambda_reproduces_the_data_mean_and_std(lmbd):
-    gen = gaussian_gen_sde()
+def test_sample_lambda_reproduces_the_data_mean_and_std(lmbd, sde_cls):
+    gen = gaussian_gen_sde(sde_cls=sde_cls)
     M, S = euler_moments(gen, lmbd, NUM_STEPS)
     assert (M - MEAN).abs().max() < EULER_BIAS and abs(S.item() - STD) < EULER_BIAS
     x = sample_lambda(gen, prior_draw(), NUM_STEPS, lmbd, generator=torch.Generator().manual_seed(1))
@@ -156,17 +157,21 @@ def test_pc_sampler_runs_the_predictor_before_the_corrector():
 # --- probability-flow ODE --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sde_cls", [VariancePreservingSDE, SubVariancePreservingSDE])
 @pytest.mark.parametrize("denoise", [False, True])
-def test_ode_sampler_follows_the_closed_form_flow_map(denoise):
+def test_ode_sampler_follows_the_closed_form_flow_map(denoise, sde_cls):
     """Along the probability flow of N(m, s0^2 I) data, (y_s - alpha(s) m) / sqrt(v(s)) is constant
     (v = alpha^2 s0^2 + sigma^2; equation (FLOW), derived in test_likelihood.py's docstring), so starting from y at
     s = T the sampler must return x = alpha(e) m + sqrt(v(e) / v(T)) (y - alpha(T) m) at s = e = eps_end,
     and after Tweedie's step E[x | y_e] = m + s0^2 alpha(e) / v(e) (x - alpha(e) m).
+    sub-VP's flow is harder for dopri5's error control: at the default tolerance 1e-5 it lands 3e-3 off
+    (VP: 4e-6), so it is checked at 1e-8, where it converges to the closed form (9e-9).
     """
-    gen = gaussian_gen_sde()
+    gen = gaussian_gen_sde(sde_cls=sde_cls)
     sde, drift = gen.base_sde, gen.a
     y = prior_draw()
-    x, nfe = sample_ode(gen, y, denoise=denoise)
+    tol = 1e-5 if sde_cls is VariancePreservingSDE else 1e-8
+    x, nfe = sample_ode(gen, y, rtol=tol, atol=tol, denoise=denoise)
     s_T, s_e = torch.tensor(gen.T, dtype=torch.float64), torch.tensor(1e-3, dtype=torch.float64)
     expected = sde.mean_weight(s_e) * MEAN + (drift.marginal_var(s_e) / drift.marginal_var(s_T)).sqrt() * (
         y - sde.mean_weight(s_T) * MEAN)
@@ -174,7 +179,7 @@ def test_ode_sampler_follows_the_closed_form_flow_map(denoise):
         expected = MEAN + STD ** 2 * sde.mean_weight(s_e) / drift.marginal_var(s_e) * (
             expected - sde.mean_weight(s_e) * MEAN)
     assert (x - expected).abs().max() < 1e-4
-    assert 10 < nfe < 200
+    assert 10 < nfe < 250
     # Prior mismatch is the only bias: 0.6 alpha_T |m| ~ 0.002 in the mean; v(e) - s0^2 ~ 1e-4 in the std.
     err_mean, err_std = moment_errors(x)
     assert err_mean < 4 * SE_MEAN + 0.002 and err_std < 4 * SE_STD + 0.001

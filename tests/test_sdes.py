@@ -1,13 +1,14 @@
-"""The VP SDE and the plug-in reverse SDE against closed forms for Gaussian data."""
+"""The VP and sub-VP SDEs and the plug-in reverse SDE against closed forms for Gaussian data."""
 import math
 
 import pytest
 import torch
 
 from lib.oracles import GaussianDrift, expected_dsm_given_s, expected_elbo
-from lib.sdes import PluginReverseSDE, VariancePreservingSDE
+from lib.sdes import PluginReverseSDE, SubVariancePreservingSDE, VariancePreservingSDE, build_sde
 
 SCHEDULES = [dict(beta_min=0.1, beta_max=20.0), dict(beta_min=0.5, beta_max=12.0)]
+SDE_CLASSES = [VariancePreservingSDE, SubVariancePreservingSDE]
 
 
 def mlp_drift(d, hidden=32):
@@ -28,19 +29,42 @@ def mlp_drift(d, hidden=32):
 # --- the forward SDE --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sde_cls", SDE_CLASSES)
 @pytest.mark.parametrize("cfg", SCHEDULES)
-def test_vp_marginal_coefficients_solve_the_sde_moment_equations(cfg):
-    """d alpha/ds = -beta/2 alpha and d sigma^2/ds = beta (1 - sigma^2), alpha(0) = 1, sigma^2(0) = 0."""
-    sde = VariancePreservingSDE(**cfg)
+def test_marginal_coefficients_solve_the_sde_moment_equations(cfg, sde_cls):
+    """d alpha/ds = -beta/2 alpha and d sigma^2/ds = -beta sigma^2 + g^2, alpha(0) = 1, sigma^2(0) = 0: the
+    moments of dY = -beta Y / 2 ds + g dB, whatever g is."""
+    sde = sde_cls(**cfg)
     s = torch.linspace(0.01, 1, 50, dtype=torch.float64, requires_grad=True)
     alpha, var = sde.mean_weight(s), sde.var(s)
     (d_alpha,) = torch.autograd.grad(alpha.sum(), s)
     (d_var,) = torch.autograd.grad(var.sum(), s)
-    beta = sde.beta(s)
+    beta, g2 = sde.beta(s), sde.g(s, s[:, None]).squeeze(1) ** 2
     assert torch.allclose(d_alpha, -0.5 * beta * alpha)
-    assert torch.allclose(d_var, beta * (1 - var))
+    assert torch.allclose(d_var, -beta * var + g2)
     zero = torch.zeros(1, dtype=torch.float64)
     assert sde.mean_weight(zero).item() == 1.0 and sde.var(zero).item() == 0.0
+
+
+@pytest.mark.parametrize("cfg", SCHEDULES)
+def test_sub_vp_has_song_et_als_closed_forms_and_stays_below_vp(cfg):
+    """sigma^2 = (1 - e^-B)^2, g^2 = beta (1 - e^-2B) (Song et al. 2021, eq. 31); sub-VP's variance is VP's squared."""
+    sub, vp = SubVariancePreservingSDE(**cfg), VariancePreservingSDE(**cfg)
+    s = torch.linspace(1e-4, 1, 101, dtype=torch.float64)
+    B = cfg["beta_min"] * s + 0.5 * (cfg["beta_max"] - cfg["beta_min"]) * s ** 2
+    assert torch.allclose(sub.var(s), (1 - torch.exp(-B)) ** 2, rtol=1e-12)
+    assert torch.allclose(sub.g(s, s[:, None]).squeeze(1) ** 2, sub.beta(s) * (1 - torch.exp(-2 * B)), rtol=1e-12)
+    assert torch.all(sub.var(s) < vp.var(s)) and torch.equal(sub.mean_weight(s), vp.mean_weight(s))
+
+
+def test_build_sde_rebuilds_each_sde_from_its_spec_and_defaults_to_vp():
+    for cls in SDE_CLASSES:
+        sde = cls(beta_min=0.2, beta_max=15.0, T=0.9, t_epsilon=2e-3)
+        again = build_sde(sde.spec())
+        assert type(again) is cls and again.spec() == sde.spec()
+    assert type(build_sde({"beta_min": 0.1, "beta_max": 20.0, "T": 1.0})) is VariancePreservingSDE  # old checkpoints
+    with pytest.raises(ValueError, match="vp, subvp"):
+        build_sde({"name": "ve"})
 
 
 def test_vp_variance_does_not_underflow_in_float32_near_zero():
@@ -73,16 +97,17 @@ def test_vp_drift_divergence_matches_autograd():
     assert torch.allclose(sde.div_f(s, y), jac_trace)
 
 
+@pytest.mark.parametrize("sde_cls", SDE_CLASSES)
 @pytest.mark.parametrize("cfg", SCHEDULES)
-def test_vp_denoising_offset_is_the_integral_of_its_integrand(cfg):
-    """int_{s0}^{s1} (D beta / (2 sigma^2) + div f) ds, by the trapezoid rule on geometric nodes."""
-    sde = VariancePreservingSDE(**cfg)
+def test_denoising_offset_is_the_integral_of_its_integrand(cfg, sde_cls):
+    """int_{s0}^{s1} (D g^2 / (2 sigma^2) + div f) ds, by the trapezoid rule on geometric nodes."""
+    sde = sde_cls(**cfg)
     y = torch.zeros(3, 2, 2, 2, dtype=torch.float64)  # D = 8
     s0 = torch.tensor([1e-5, 1e-3, 0.2], dtype=torch.float64)
     s1 = torch.tensor([1.0, 0.5, 0.9], dtype=torch.float64)
     for i in range(3):
         s = torch.logspace(math.log10(s0[i]), math.log10(s1[i]), 200_001, dtype=torch.float64)
-        integrand = 8 * sde.beta(s) / (2 * sde.var(s)) - 0.5 * 8 * sde.beta(s)
+        integrand = 8 * sde.g(s, s[:, None]).squeeze(1) ** 2 / (2 * sde.var(s)) - 0.5 * 8 * sde.beta(s)
         want = torch.trapezoid(integrand, s).item()
         assert sde.denoising_offset(s0, s1, y)[i].item() == pytest.approx(want, rel=1e-7)
 
@@ -162,12 +187,13 @@ def test_unknown_vtype_is_rejected_at_construction():
 # --- denoising score matching ------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sde_cls", SDE_CLASSES)
 @pytest.mark.parametrize("debias", [False, True])
 @pytest.mark.parametrize("cfg", SCHEDULES)
-def test_dsm_mean_matches_closed_form(cfg, debias):
+def test_dsm_mean_matches_closed_form(cfg, debias, sde_cls):
     """E[dsm] = int E[dsm | s] p(s) ds, with p = U[0, T] or the debiasing q."""
     torch.manual_seed(1)
-    sde = VariancePreservingSDE(**cfg)
+    sde = sde_cls(**cfg)
     mean, std, d, n = 0.5, 0.3, 2, 400_000
     gen = PluginReverseSDE(sde, GaussianDrift(sde, mean, std), sde.T, debias=debias)
     loss = gen.dsm(mean + std * torch.randn(n, d, dtype=torch.float64))
@@ -202,11 +228,12 @@ def test_dsm_with_exact_drift_beats_a_wrong_drift():
 # --- the ELBO ----------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("sde_cls", SDE_CLASSES)
 @pytest.mark.parametrize("vtype", ["rademacher", "gaussian"])
 @pytest.mark.parametrize("cfg", SCHEDULES)
-def test_elbo_random_t_slice_is_unbiased_for_gaussian_data(cfg, vtype):
+def test_elbo_random_t_slice_is_unbiased_for_gaussian_data(cfg, vtype, sde_cls):
     torch.manual_seed(3)
-    sde = VariancePreservingSDE(**cfg)
+    sde = sde_cls(**cfg)
     mean, std, d = torch.tensor([0.5, -0.3]), 0.6, 2
     gen = PluginReverseSDE(sde, GaussianDrift(sde, mean, std), sde.T, vtype=vtype).eval()
     x = (mean + std * torch.randn(8, d)).double()

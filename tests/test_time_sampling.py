@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy import stats
 
-from lib.sdes import VariancePreservingSDE
-from lib.time_sampling import UniformTimeSampler, VPImportanceTimeSampler
+from lib.sdes import SubVariancePreservingSDE, VariancePreservingSDE
+from lib.time_sampling import SubVPImportanceTimeSampler, UniformTimeSampler, VPImportanceTimeSampler
 
 SCHEDULES = [
     dict(beta_min=0.1, beta_max=20.0, T=1.0, t_epsilon=1e-3),  # the default
@@ -17,12 +17,18 @@ SCHEDULES = [
 ]
 
 
-def unnormalised_q(s, beta_min, beta_max, T, t_epsilon):
-    """g^2 / sigma^2 = beta / (1 - exp(-B)), flat below t_epsilon; written out independently of the library."""
+def unnormalised_q(s, beta_min, beta_max, T, t_epsilon, sub_vp=False):
+    """g^2 / sigma^2, flat below t_epsilon, written out independently of the library:
+    VP beta / (1 - exp(-B)); sub-VP beta (1 - exp(-2B)) / (1 - exp(-B))^2."""
     s = s.clamp(min=t_epsilon)
     beta = beta_min + (beta_max - beta_min) * s
     B = beta_min * s + 0.5 * (beta_max - beta_min) * s ** 2
+    if sub_vp:
+        return beta * (1 - torch.exp(-2 * B)) / (1 - torch.exp(-B)) ** 2
     return beta / (1 - torch.exp(-B))
+
+
+SAMPLERS = [VPImportanceTimeSampler, SubVPImportanceTimeSampler]
 
 
 def integrate(fn, lo, hi, n=200_001):
@@ -34,21 +40,23 @@ def integrate(fn, lo, hi, n=200_001):
     return torch.trapezoid(fn(s), s)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("cfg", SCHEDULES)
-def test_density_matches_g2_over_sigma2_and_integrates_to_one(cfg):
-    q = VPImportanceTimeSampler(**cfg)
+def test_density_matches_g2_over_sigma2_and_integrates_to_one(cfg, sampler):
+    q = sampler(**cfg)
     eps, T = cfg["t_epsilon"], cfg["T"]
     # Split at t_epsilon where q has a kink; the integrand is steep right above it.
     total = integrate(q.density, 0.0, eps) + integrate(q.density, eps, T)
     assert total.item() == pytest.approx(1.0, abs=1e-6)
     s = torch.linspace(0, T, 1001, dtype=torch.float64)[1:]
-    ratio = q.density(s) / unnormalised_q(s, **cfg)
+    ratio = q.density(s) / unnormalised_q(s, **cfg, sub_vp=sampler is SubVPImportanceTimeSampler)
     assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-9)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("cfg", SCHEDULES)
-def test_cdf_is_the_integral_of_the_density(cfg):
-    q = VPImportanceTimeSampler(**cfg)
+def test_cdf_is_the_integral_of_the_density(cfg, sampler):
+    q = sampler(**cfg)
     eps, T = cfg["t_epsilon"], cfg["T"]
     for point in [0.5 * eps, 3 * eps, 0.3 * T, T]:
         lo = min(point, eps)
@@ -56,18 +64,20 @@ def test_cdf_is_the_integral_of_the_density(cfg):
         assert q.cdf(torch.tensor(point, dtype=torch.float64)).item() == pytest.approx(float(numeric), abs=1e-7)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("cfg", SCHEDULES)
-def test_cdf_inverts_icdf(cfg):
-    q = VPImportanceTimeSampler(**cfg)
+def test_cdf_inverts_icdf(cfg, sampler):
+    q = sampler(**cfg)
     u = torch.cat([torch.tensor([0.0, 1e-12, 1e-6, 1.0]), torch.linspace(0, 1, 10_001)]).double()
     assert torch.allclose(q.cdf(q.icdf(u)), u, atol=1e-12)
     s = torch.linspace(0, cfg["T"], 1001, dtype=torch.float64)
     assert torch.allclose(q.icdf(q.cdf(s)), s, atol=1e-9)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("cfg", SCHEDULES)
-def test_samples_pass_kolmogorov_smirnov_and_stay_in_range(cfg):
-    q = VPImportanceTimeSampler(**cfg)
+def test_samples_pass_kolmogorov_smirnov_and_stay_in_range(cfg, sampler):
+    q = sampler(**cfg)
     s, density = q.sample((20_000,), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert s.min() >= 0 and s.max() <= cfg["T"]
     assert torch.allclose(density, q.density(s))
@@ -82,6 +92,12 @@ def test_ks_detects_a_wrong_schedule():
     wrong = VPImportanceTimeSampler(0.5, 12.0)
     ks = stats.kstest(s.double().numpy(), lambda v: wrong.cdf(torch.from_numpy(v)).numpy())
     assert ks.statistic * len(s) ** 0.5 > 1.95
+
+
+def test_each_sde_samples_its_own_importance_density():
+    for sde, sampler in ((VariancePreservingSDE(0.5, 12.0), VPImportanceTimeSampler),
+                         (SubVariancePreservingSDE(0.5, 12.0), SubVPImportanceTimeSampler)):
+        assert type(sde.importance_time_sampler()) is sampler
 
 
 def test_sde_uses_its_own_parameters_for_the_debiasing_sampler():

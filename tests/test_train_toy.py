@@ -1,5 +1,6 @@
 """train_toy.py end to end: a short run's outputs, their values against the true density, resuming, load_model."""
 import json
+import math
 import os
 
 import pytest
@@ -8,8 +9,10 @@ import torch
 import train_toy
 from lib.checkpoint import load_model
 from lib.likelihood import ode_log_likelihood
-from lib.swiss_roll import sample_swiss_roll
+from lib.models.mlp import MLPDrift
 from lib.rng import held_out_generator
+from lib.sdes import PluginReverseSDE, VariancePreservingSDE
+from lib.swiss_roll import sample_swiss_roll
 
 SMALL = ["--num_iterations=300", "--print_every=100", "--checkpoint_every=100", "--sample_every=300",
          "--num_steps=40", "--num_eval=400", "--elbo_repeats=16", "--num_samples=300", "--width=64",
@@ -110,3 +113,33 @@ def test_compile_trains_with_inductor_like_eager_and_saves_the_original_network(
         assert (diff <= 1e-6 + 1e-4 * w.abs()).float().mean().item() >= 0.99, name
     for c, e in zip(records(tmp_path / "compiled"), records(tmp_path / "eager")):
         assert c["loss"] == pytest.approx(e["loss"], rel=1e-5)
+
+
+def test_the_controlled_elbo_has_the_plain_elbos_mean_and_far_less_noise():
+    """lib/toy_task.py's control variate: log p(x) + ELBO_a(x) - ELBO_a*(x) on shared draws has the mean of the
+    model's plain ELBO (up to delta(x) < 1e-4 nats, far below the errors here) and a smaller spread, the more so
+    the closer a is to a*. A small drift trained 300 steps, 1000 held-out points: the means differ by less than
+    4 standard errors, and one controlled draw varies less than half as much per point as one plain draw
+    (measured 3.5x here; about 170x on the default 20k-step run, where a is close to a*)."""
+    from lib.toy_task import ToyTask
+
+    task = ToyTask(train_toy.parse_args(["--num_eval=1000", "--elbo_times=4", "--device=cpu"]))
+    sde = VariancePreservingSDE()
+    drift = MLPDrift(dim=2, width=32, depth=1, local_std=0.05)
+    gen = PluginReverseSDE(sde, drift, 1.0, debias=True)
+    opt = torch.optim.Adam(drift.parameters(), lr=2e-3)
+    torch.manual_seed(0)
+    for _ in range(300):
+        loss = gen.dsm(sample_swiss_roll(256, 0.5)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    gen.eval()
+    x, true_logp = task.held_out(1000)
+    with torch.no_grad():
+        controlled = torch.stack([task.controlled_elbo(gen, x, true_logp) for _ in range(2)])  # (2, N)
+        plain = torch.stack([gen.elbo(x, num_times=4).double() for _ in range(8)])  # (8, N)
+    diff = controlled.mean(0) - plain.mean(0)
+    se = diff.std().item() / math.sqrt(1000)
+    assert abs(diff.mean().item()) < 4 * se, (diff.mean().item(), se)
+    assert controlled.var(0).mean() * 2 < plain.var(0).mean(), (controlled.var(0).mean(), plain.var(0).mean())

@@ -8,9 +8,10 @@ into the module. A new network is one entry here.
 def _registry():
     # Imported on use so that importing lib.models stays cheap and free of cycles.
     from lib.models.mlp import MLPDrift
+    from lib.models.precond import PreconditionedUNet
     from lib.models.unet import UNet
 
-    return {"mlp": MLPDrift, "unet": UNet}
+    return {"mlp": MLPDrift, "unet": UNet, "precond_unet": PreconditionedUNet}
 
 
 def build_drift(name, kwargs):

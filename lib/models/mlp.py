@@ -10,7 +10,7 @@ The module is the inference DRIFT a(y, s) of lib/sdes.py, not the score (score =
 
     a = -g(s) / sqrt(sigma^2(s) + local_std^2) * F(y, s)
 
-with g and sigma^2 from lib.sdes.VariancePreservingSDE(beta_min, beta_max). Why: the ELBO gap is
+with g and sigma^2 from the run's SDE (lib.sdes, VP by default). Why: the ELBO gap is
 1/2 int E|a - a*|^2 ds and most of it sits at small s, where the data (here a thin swiss roll of noise
 scale local_std) makes the score of order 1 / local_std. With the factor above, F = -score *
 sqrt(sigma^2 + local_std^2) is O(1) at every s, so one set of weights serves every noise level. The
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.sdes import VariancePreservingSDE
+from lib.sdes import build_sde
 
 
 def sinusoid(u, dim, min_freq, max_freq):
@@ -69,11 +69,13 @@ class MLPDrift(nn.Module):
         depth: hidden blocks after the input layer (depth=2 is a 3-hidden-layer MLP).
         local_std: the data's small-scale spread: the noise floor of the output scale and of the time
             embedding (see the module docstring).
-        beta_min, beta_max: the VP schedule, which sets g and sigma.
+        beta_min, beta_max: the schedule, which sets g and sigma.
         time_dim: number of sinusoidal time features (even).
+        sde: the SDE's name in lib.sdes.SDES ('vp', or 'subvp'), the one the model is trained with.
     """
 
-    def __init__(self, dim=2, width=128, depth=2, local_std=0.05, beta_min=0.1, beta_max=20.0, time_dim=64):
+    def __init__(self, dim=2, width=128, depth=2, local_std=0.05, beta_min=0.1, beta_max=20.0, time_dim=64,
+                 sde="vp"):
         super().__init__()
         for name, value in (("dim", dim), ("width", width), ("depth", depth)):
             if value < 1 or value != int(value):
@@ -85,9 +87,9 @@ class MLPDrift(nn.Module):
         self.dim = int(dim)
         self.time_dim = int(time_dim)
         self.local_std = float(local_std)
-        # A plain attribute (VariancePreservingSDE is not a Module): it holds only floats, so it adds
-        # nothing to the state dict and follows .to() / .double() for free. It also validates the betas.
-        self.sde = VariancePreservingSDE(beta_min, beta_max)
+        # A plain attribute (an SDE is not a Module): it holds only floats, so it adds nothing to the state
+        # dict and follows .to() / .double() for free. It also validates the betas.
+        self.sde = build_sde({"name": sde, "beta_min": beta_min, "beta_max": beta_max})
 
         # Concatenating the raw sinusoids costs one (D + time_dim) x width layer; a separate time-embedding
         # MLP would double the cost of a small network.
@@ -112,7 +114,7 @@ class MLPDrift(nn.Module):
 
     def output_scale(self, s):
         """The factor c(s) = -g(s) / sqrt(sigma^2(s) + local_std^2) in a = c(s) F(y, s): (B,) -> (B,)."""
-        return -self.sde.beta(s).sqrt() / (self.sde.var(s) + self.local_std ** 2).sqrt()
+        return -self.sde.g2(s).sqrt() / (self.sde.var(s) + self.local_std ** 2).sqrt()
 
     def forward(self, y, s):
         """y (B, D), s (B,) -> a (B, D)."""
