@@ -264,8 +264,9 @@ def train(args, task, logger, ctx=None, signals=None):
     if state is not None:
         start, loss_sum, loss_count = restore_training_state(state, drift, ema, optimizer, ckpt_path)
     with _agreed_writes(ctx):
+        # A fresh run (start 0) also forgets what a run killed before its first checkpoint logged.
+        logger.resume_at(start)
         if state is not None:
-            logger.resume_at(start)
             note = ""
             if state.get("world_size", 1) != ctx.world_size:
                 note = (f" (written by {state.get('world_size', 1)} processes, continuing with {ctx.world_size}: "

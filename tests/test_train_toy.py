@@ -143,3 +143,17 @@ def test_the_controlled_elbo_has_the_plain_elbos_mean_and_far_less_noise():
     se = diff.std().item() / math.sqrt(1000)
     assert abs(diff.mean().item()) < 4 * se, (diff.mean().item(), se)
     assert controlled.var(0).mean() * 2 < plain.var(0).mean(), (controlled.var(0).mean(), plain.var(0).mean())
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_duplicate_metrics(tmp_path):
+    """A kill after the first evaluation but before the first checkpoint leaves metrics.jsonl without a
+    checkpoint; the rerun starts afresh and must not append its iteration 1 after the stale one."""
+    tiny = [f"--saveroot={tmp_path}", "--expname=run", "--num_iterations=2", "--print_every=1", "--sample_every=100",
+            "--checkpoint_every=2", "--num_steps=4", "--num_eval=40", "--elbo_times=4", "--num_samples=20",
+            "--width=16", "--depth=1", "--lmbd=0.5", "--batch_size=32", "--lr_schedule=constant", "--warmup=0",
+            "--device=cpu"]
+    os.makedirs(tmp_path / "run")
+    with open(tmp_path / "run" / "metrics.jsonl", "w") as fh:
+        fh.write(json.dumps({"iteration": 1, "loss": 9.0}) + "\n")
+    train_toy.main(tiny)
+    assert [r["iteration"] for r in records(tmp_path / "run")] == [1, 2]
