@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p = ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
     methods = p.add_subparsers(dest="method", required=True, metavar="{elbo,ode}")
     elbo = methods.add_parser("elbo", parents=[common], formatter_class=HelpFormatter,
-                              help="the ELBO of the reverse SDE (λ=0)", description="The ELBO of the reverse SDE (λ=0).")
+                              help="the ELBO of the reverse SDE (λ=0)",
+                              description="The ELBO of the reverse SDE (λ=0).")
     elbo.add_argument("--estimator", choices=list(ELBO_ESTIMATORS), default="elbo",
                       help="elbo: the low-variance estimator; random_t_slice: sdeflow-light's")
     elbo.add_argument("--num_times", type=positive_int, default=ELBO_TIMES,

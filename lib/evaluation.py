@@ -126,7 +126,8 @@ def test_set_bits_per_dim(log_likelihood, loader, real, device, seed=(0,), rank=
     the result is (bits/dim (N,), the variance of each image's bits/dim estimate (N,)).
 
     loader: lib.image_data.test_loader for (rank, world_size), yielding (k, label) batches; its i-th
-    batch is global batch j = rank + i * world_size. real: whether the model runs in logit space. Batch j draws its dequantisation noise from a
+    batch is global batch j = rank + i * world_size. real: whether the model runs in logit space.
+    Batch j draws its dequantisation noise from a
     generator seeded by (*seed, j, 1) and reseeds torch's global RNG (the ELBO's times, noise and probes)
     from (*seed, j, 0), so every example gets the same value whatever the number of ranks and whatever
     batches come before it. seed: a tuple of non-negative integers (e.g. (seed, stream, iteration)).

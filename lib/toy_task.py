@@ -172,7 +172,8 @@ class ToyTask(Task):
         outside = int((x.abs() > VIEW).any(1).sum())
         label = "samples" + (f" ({outside} outside the view)" if outside else "")
         fig = samples_figure(data, {label: x}, f"Swiss roll: {title}\nsliced W2 to fresh data "
-                             f"{quality['sliced_wasserstein']:.3f} (data to data: {quality['sliced_wasserstein_floor']:.3f})",
+                             f"{quality['sliced_wasserstein']:.3f} "
+                             f"(data to data: {quality['sliced_wasserstein_floor']:.3f})",
                              lim=VIEW)
         fig.savefig(path, dpi=110, bbox_inches="tight")
         plt.close(fig)

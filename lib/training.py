@@ -103,7 +103,8 @@ def run(args, make_task, user_errors=()):
     into one line on stderr and exit status 1.
 
     make_task(args, rank, world_size) -> a lib.task.Task (e.g. the task's class). user_errors: further
-    exception types whose message is for the user. Under torchrun every such error is agreed by all ranks, and rank 0 prints it.
+    exception types whose message is for the user. Under torchrun every such error is agreed by all ranks,
+    and rank 0 prints it.
     """
     prog = os.path.basename(sys.argv[0])
     errors = (ConfigError, CheckpointError, TrainingDiverged, WriteError, ODESolveError, *user_errors)
