@@ -21,7 +21,7 @@ from lib.config import (ArgumentParser, add_training_args, dropout_rate, multipl
 from lib.evaluation import ELBO_ESTIMATORS
 from lib.training import run
 
-DEFAULTS = dict(expname="img", num_iterations=100_000, batch_size=64, lr=1e-4, ema_decay=0.9999, debias=False,
+DEFAULTS = dict(expname="img", num_iterations=100_000, batch_size=64, lr=5e-4, ema_decay=0.9999, debias=False,
                 print_every=500, sample_every=5_000, checkpoint_every=1_000, num_steps=1_000)
 
 

@@ -14,9 +14,12 @@ times both. Each checkpoint's EMA model is then scored on the whole test set by 
 --num_times stratified times per image, twice with independent draws: the mean bits/dim with its standard
 error over images, the estimator's own noise (from the two draws' difference), and the paired difference to
 `today` on the same images and dequantisation (whose standard error is what resolves 0.02 bpd).
+A later call with the same --workdir reuses the checkpoints it kept (with their recorded times, in a .json
+beside each) and trains only configurations and lengths it has not run.
 """
 import argparse
 import contextlib
+import json
 import math
 import os
 import shutil
@@ -43,11 +46,18 @@ CONFIGS = {
     "precond": ["--precond=True"],
     "subvp": ["--sde=subvp"],
     "lr2e-4": ["--lr=2e-4", "--warmup=100"],
+    "lr5e-4": ["--lr=5e-4"],
     "clip1": ["--grad_clip=1"],
     "ema0.999": ["--ema_decay=0.999"],
     "precond+subvp": ["--precond=True", "--sde=subvp"],
     "precond+lr2e-4": ["--precond=True", "--lr=2e-4", "--warmup=100"],
     "precond+lr5e-4": ["--precond=True", "--lr=5e-4", "--warmup=100"],
+    "precond+lr5e-4+warmup0": ["--precond=True", "--lr=5e-4"],
+    "precond+lr5e-4+dropout0.1": ["--precond=True", "--lr=5e-4", "--dropout=0.1"],
+    "precond+lr5e-4+warmup0+seed1": ["--precond=True", "--lr=5e-4", "--seed=1"],
+    "precond+lr1e-3": ["--precond=True", "--lr=1e-3", "--warmup=100"],
+    "precond+dropout0": ["--precond=True", "--dropout=0"],
+    "precond+lr5e-4+dropout0": ["--precond=True", "--lr=5e-4", "--warmup=100", "--dropout=0"],
     "precond+clip1": ["--precond=True", "--grad_clip=1"],
     "precond+ema0.999": ["--precond=True", "--ema_decay=0.999"],
     "defaults": None,  # train_img.py's own defaults (with --debias=True): what the mission command trains
@@ -133,12 +143,18 @@ def main():
             rows[config] = {}
             seconds = [0.0, 0.0]
             for stop in stops:
+                kept = os.path.join(saveroot, f"{config}_{stop}.pt")
+                if os.path.exists(kept + ".json"):  # kept by an earlier call: the run may have gone past `stop`
+                    with open(kept + ".json") as f:
+                        rows[config][stop] = json.load(f)
+                    seconds = [rows[config][stop]["wall_seconds"], rows[config][stop]["cpu_seconds"]]
+                    continue
                 wall, cpu = train(data, config, stop, saveroot, dataroot)
                 seconds = [seconds[0] + wall, seconds[1] + cpu]
-                ckpt = os.path.join(saveroot, config, "checkpoint.pt")
-                kept = os.path.join(saveroot, f"{config}_{stop}.pt")
-                shutil.copy(ckpt, kept)
+                shutil.copy(os.path.join(saveroot, config, "checkpoint.pt"), kept)
                 rows[config][stop] = {"wall_seconds": seconds[0], "cpu_seconds": seconds[1], "checkpoint": kept}
+                with open(kept + ".json", "w") as f:
+                    json.dump(rows[config][stop], f)
         for stop in stops:
             reference = None
             for config in args.configs:

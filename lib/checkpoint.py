@@ -188,13 +188,13 @@ def check_same_run(state, args, task, path):
     resumable = LOOP_RESUMABLE_ARGS | task.resumable_args
     if now.get("lr_schedule") == "cosine":  # the cosine's horizon is --num_iterations: it is part of the schedule
         resumable = resumable - {"num_iterations"}
-    for key in sorted(set(saved) | set(now)):
-        if key in resumable or saved.get(key) == now.get(key):
-            continue
-        raise CheckpointError(
-            f"{path} was written with --{key}={saved.get(key)}, this command has --{key}={now.get(key)}; "
-            "use the same arguments to resume, or pick another --expname"
-        )
+    # All differences in one message: a default that changed since the run began is one of them.
+    differ = [key for key in sorted(set(saved) | set(now)) if key not in resumable and saved.get(key) != now.get(key)]
+    if differ:
+        then = " ".join(f"--{key}={saved.get(key)}" for key in differ)
+        raise CheckpointError(f"{path} was written with {then}, this command has "
+                              f"{' '.join(f'--{key}={now.get(key)}' for key in differ)}; pass {then} to resume, "
+                              "or pick another --expname")
 
 
 def restore_training_state(state, drift, ema, optimizer, path):

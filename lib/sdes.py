@@ -254,9 +254,11 @@ class PluginReverseSDE(nn.Module):
         """Denoising score matching loss per example, (B,) (docs/math.md section 2).
 
         With debias on, s ~ q and the loss is deliberately NOT reweighted by 1/q:
-        sampling from q is what turns the DSM weighting into the ELBO's.
+        sampling from q is what turns the DSM weighting into the ELBO's. The batch's times are stratified
+        (TimeSampler.sample_stratified): each example's s is still distributed by q, and the batch mean,
+        the training loss, no longer varies with where in [0, T] the draws happened to fall.
         """
-        s, _ = self.time_sampler.sample((x.shape[0],), device=x.device, dtype=x.dtype)
+        s, _ = self.time_sampler.sample_stratified(x.shape[0], device=x.device, dtype=x.dtype)
         y, eps, std, g = self.base_sde.sample(s, x, return_noise=True)
         a = self.a(y, s)
         return 0.5 * (a * std / g + eps).pow(2).flatten(1).sum(1)

@@ -2,6 +2,8 @@
 
 Every sampler returns ``(s, density)`` so that importance weights stay visible
 at the call site: an unbiased estimate of int_0^T h(s) ds is h(s) / density(s).
+``sample`` draws independent times, ``sample_stratified`` a batch with one time in each
+equal-probability stratum (the training loss's times).
 
 The family:
   * ``UniformTimeSampler``: s ~ U[0, T].
@@ -37,6 +39,18 @@ class TimeSampler:
         cast to ``dtype`` at the end.
         """
         u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
+        s = self.icdf(u)
+        return s.to(dtype), self.density(s).to(dtype)
+
+    def sample_stratified(self, n, generator=None, device=None, dtype=torch.float32):
+        """n times, one in each of the n equal-probability strata of the density, in random order.
+
+        Returns (s, density(s)), both (n,). Each s_i alone is distributed by the density, so a per-example
+        loss stays unbiased example by example; jointly they cover [0, T] evenly, so a batch mean over them
+        varies less than over independent draws (the spread of the loss across s no longer enters it).
+        """
+        k = torch.randperm(n, generator=generator, device=device).to(torch.float64)
+        u = (k + torch.rand(n, generator=generator, device=device, dtype=torch.float64)) / n
         s = self.icdf(u)
         return s.to(dtype), self.density(s).to(dtype)
 

@@ -96,6 +96,25 @@ def test_an_old_toy_run_is_recognised_under_its_former_flag_names(v1_runs, tmp_p
     assert "Resuming from" in out and "Run already complete at iteration 20" in out
 
 
+def test_an_old_image_run_resumed_with_todays_defaults_names_every_changed_default_at_once(v1_runs, tmp_path,
+                                                                                          capsys):
+    """The run was written before --precond existed (read as False) and with the learning rate then the default
+    (1e-4): rerunning its command line is refused in one line that lists both, so one more try resumes it."""
+    import train_img
+
+    root, paths = v1_runs
+    shutil.copytree(os.path.dirname(paths["img"]), tmp_path / "img")
+    with pytest.raises(SystemExit) as exit_info:
+        train_img.main([f"--dataroot={root / 'data'}", f"--saveroot={tmp_path}", "--expname=img", "--num_iterations=3",
+                        "--batch_size=8", "--print_every=3", "--sample_every=100", "--checkpoint_every=3",
+                        "--num_steps=3", "--test_batch_size=16", "--num_eval=10", "--num_samples=4",
+                        "--num_workers=0", "--ch=32", "--device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 1 and len(err.splitlines()) == 1
+    assert ("was written with --lr=0.0001 --precond=False, this command has --lr=0.0005 --precond=True; "
+            "pass --lr=0.0001 --precond=False to resume") in err, err
+
+
 def test_the_tools_load_none_of_the_training_loop(v1_runs):
     """sample.py and evaluate.py, imported and run, never import the loop, its EMA, logger or DDP wrapper code."""
     root, paths = v1_runs

@@ -106,7 +106,7 @@ def test_resuming_with_another_sde_or_parameterisation_is_refused(mnist, capsys,
         train_img.main([*argv, "--sde=subvp", "--precond=True", flag, "--num_iterations=3"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 1 and len(err.splitlines()) == 1
-    assert saved in err and flag in err and "use the same arguments to resume" in err
+    assert f"was written with {saved}, this command has {flag}; pass {saved} to resume" in err
 
 
 @pytest.mark.parametrize("argv, expected", [
