@@ -36,8 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--elbo_estimator", choices=tuple(ELBO_ESTIMATORS), default="elbo",
                    help="bits/dim from PluginReverseSDE.elbo (low variance) or sdeflow-light's random_t_slice")
     p.add_argument("--elbo_times", type=positive_int, default=8,
-                   help="stratified times per test image of the in-run .elbo (evaluate.py uses 32 by default); 4 or more "
-                        "also report the estimator's own share of the standard error")
+                   help="stratified times per test image of the in-run .elbo (evaluate.py uses 32 by default); "
+                        "4 or more also report the estimator's own share of the standard error")
     p.add_argument("--real", type=str2bool, default=True, help="True: model logit(alpha + (1 - 2 alpha) x)")
     p.add_argument("--lmbd", type=unit_interval, default=0.0, help="λ of the sampler for the sample grids")
     p.add_argument("--num_samples", type=positive_int, default=64, help="images per sample grid")

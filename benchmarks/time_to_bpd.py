@@ -14,6 +14,7 @@ times both. Each checkpoint's EMA model is then scored on the whole test set by 
 --num_times stratified times per image, twice with independent draws: the mean bits/dim with its standard
 error over images, the estimator's own noise (from the two draws' difference), and the paired difference to
 `today` on the same images and dequantisation (whose standard error is what resolves 0.02 bpd).
+--weights=raw scores the trained weights instead of their EMA (what the EMA is worth).
 A later call with the same --workdir reuses the checkpoints it kept (with their recorded times, in a .json
 beside each) and trains only configurations and lengths it has not run.
 """
@@ -35,6 +36,7 @@ from real_images import write_digits, write_photos  # noqa: E402
 from report import add_json_arg, command_line, write_json  # noqa: E402
 
 import train_img  # noqa: E402
+from lib.checkpoint import load_checkpoint  # noqa: E402
 from lib.evaluation import elbo_estimator, mean_and_stderr, test_set_bits_per_dim  # noqa: E402
 from lib.image_data import test_loader  # noqa: E402
 from lib.image_files import cifar10_checksums  # noqa: E402
@@ -82,9 +84,12 @@ def train(data, config, iterations, saveroot, dataroot):
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def score(checkpoint, data, dataroot, num_times, seeds=(0, 1)):
-    """Per-image bits/dim of the checkpoint's EMA model on the whole test set, one (N,) tensor per seed."""
+def score(checkpoint, data, dataroot, num_times, weights="ema", seeds=(0, 1)):
+    """Per-image bits/dim of the checkpoint's EMA model (or its trained weights, weights="raw") on the whole
+    test set, one (N,) tensor per seed."""
     run = open_run(checkpoint, torch.device("cpu"))
+    if weights == "raw":
+        run.gen_sde.a.load_state_dict(load_checkpoint(checkpoint)["model_state"])
     estimate = elbo_estimator(run.gen_sde, "elbo", num_times=num_times)
     with _checksums(data, dataroot):
         test_set = run.task.datasets(dataroot)[1]
@@ -123,6 +128,8 @@ def main():
     p.add_argument("--iterations", type=int, default=1500)
     p.add_argument("--snapshot", type=int, default=500, help="also score the checkpoint at this iteration (0: no)")
     p.add_argument("--num_times", type=int, default=32, help="stratified times per image of the precise ELBO")
+    p.add_argument("--weights", choices=("ema", "raw"), default="ema",
+                   help="score the EMA weights (what train_img.py evaluates) or the trained weights themselves")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workdir", default=None, help="data and runs (default: a temporary folder)")
     add_json_arg(p, "time_to_bpd")
@@ -158,7 +165,7 @@ def main():
         for stop in stops:
             reference = None
             for config in args.configs:
-                draws = score(rows[config][stop]["checkpoint"], data, dataroot, args.num_times)
+                draws = score(rows[config][stop]["checkpoint"], data, dataroot, args.num_times, args.weights)
                 if config == "today":
                     reference = (draws[0] + draws[1]) / 2
                 rows[config][stop].update(summary(draws, reference if config != "today" else None))

@@ -122,7 +122,8 @@ def test_the_tools_load_none_of_the_training_loop(v1_runs):
         "import sys, evaluate, sample\n"
         f"evaluate.main(['elbo', '--checkpoint={paths['img']}', '--dataroot={root / 'data'}', '--num_eval=2',"
         " '--device=cpu'])\n"
-        "loaded = {m for m in ('lib.training', 'lib.ema', 'lib.run_logger', 'train_img', 'train_toy') if m in sys.modules}\n"
+        "loaded = {m for m in ('lib.training', 'lib.ema', 'lib.run_logger', 'train_img', 'train_toy')\n"
+        "          if m in sys.modules}\n"
         "print('LOADED', sorted(loaded))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
