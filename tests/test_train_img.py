@@ -160,9 +160,14 @@ def test_amp_trains_the_convolutions_in_bf16_and_keeps_weights_and_evaluation_fl
     amp, ref = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True) for d in (run_dir, float32_run))
     assert amp["model_state"].keys() == ref["model_state"].keys()
     assert all(w.dtype == torch.float32 for w in [*amp["model_state"].values(), *amp["ema_state"].values()])
-    # One bf16 step later the weights and losses still agree with float32 to bf16's precision.
+    # Two bf16 steps later the weights still agree with float32. Adam moves a weight by about lr per step
+    # whatever its gradient's size, so where bf16 rounding flips the sign of a near-zero gradient the two runs part
+    # by up to 2 lr per step: a tolerance of 4 lr bounds that, and the bulk must agree far more closely.
+    lr = json.load(open(os.path.join(run_dir, "args.json")))["lr"]
     for name, w in ref["model_state"].items():
-        torch.testing.assert_close(amp["model_state"][name], w, rtol=0, atol=2e-4)
+        torch.testing.assert_close(amp["model_state"][name], w, rtol=0, atol=4 * lr)
+    moved = torch.cat([(amp["model_state"][n] - w).flatten() for n, w in ref["model_state"].items()]).abs()
+    assert (moved > 0.1 * lr).float().mean() < 0.01
     for a, r in zip(metrics_of(run_dir), metrics_of(float32_run)):
         assert a["loss"] == pytest.approx(r["loss"], rel=1e-2) and a["bpd"] == pytest.approx(r["bpd"], rel=1e-2)
 
