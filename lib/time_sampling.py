@@ -38,9 +38,7 @@ class TimeSampler:
         inversion run in float64 (the debias CDF is steep near s = 0) and are
         cast to ``dtype`` at the end.
         """
-        u = torch.rand(shape, generator=generator, device=device, dtype=torch.float64)
-        s = self.icdf(u)
-        return s.to(dtype), self.density(s).to(dtype)
+        return self._at(torch.rand(shape, generator=generator, device=device, dtype=torch.float64), dtype)
 
     def sample_stratified(self, n, generator=None, device=None, dtype=torch.float32):
         """n times, one in each of the n equal-probability strata of the density, in random order.
@@ -50,7 +48,10 @@ class TimeSampler:
         varies less than over independent draws (the spread of the loss across s no longer enters it).
         """
         k = torch.randperm(n, generator=generator, device=device).to(torch.float64)
-        u = (k + torch.rand(n, generator=generator, device=device, dtype=torch.float64)) / n
+        return self._at((k + torch.rand(n, generator=generator, device=device, dtype=torch.float64)) / n, dtype)
+
+    def _at(self, u, dtype):
+        """(s, density(s)) at the float64 CDF values u, cast to dtype at the end."""
         s = self.icdf(u)
         return s.to(dtype), self.density(s).to(dtype)
 

@@ -163,7 +163,8 @@ def test_amp_trains_the_convolutions_in_bf16_and_keeps_weights_and_evaluation_fl
     # Two bf16 steps later the weights still agree with float32. Adam moves a weight by about lr per step
     # whatever its gradient's size, so where bf16 rounding flips the sign of a near-zero gradient the two runs part
     # by up to 2 lr per step: a tolerance of 4 lr bounds that, and the bulk must agree far more closely.
-    lr = json.load(open(os.path.join(run_dir, "args.json")))["lr"]
+    with open(os.path.join(run_dir, "args.json")) as fh:
+        lr = json.load(fh)["lr"]
     for name, w in ref["model_state"].items():
         torch.testing.assert_close(amp["model_state"][name], w, rtol=0, atol=4 * lr)
     moved = torch.cat([(amp["model_state"][n] - w).flatten() for n, w in ref["model_state"].items()]).abs()
